@@ -1,0 +1,83 @@
+"""saft-hf: sharpness-aware fine-tuning and task-vector merging for the Hugging Face stack.
+
+Public names are imported lazily (as transformers does) so that ``import saft_hf`` stays cheap
+and the SAM math can be used without loading transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "SAMTrainer": "trainer",
+    "SAMTrainingArguments": "trainer",
+    "TaskVector": "task_vectors",
+    "add_scaled_": "task_vectors",
+    "check_compatible": "task_vectors",
+    "TaskVectorError": "task_vectors",
+    "IncompatibleTaskVectorError": "task_vectors",
+    "CorruptedTaskVectorError": "task_vectors",
+    "load_task_vector": "hub",
+    "load_task_vectors": "hub",
+    "load_base_state": "hub",
+    "push_task_vector": "hub",
+    "make_model_card": "hub",
+    # CLIP on the merging tasks
+    "TASKS": "tasks",
+    "TaskSpec": "tasks",
+    "load_task": "tasks",
+    "register_task": "tasks",
+    "ZeroShotHead": "clip",
+    "build_zero_shot_head": "clip",
+    "CLIPImageClassifier": "clip",
+    "load_vision_tower": "clip",
+    "evaluate_accuracy": "clip",
+    "collate_image_batch": "clip",
+    # merging
+    "merge": "merging",
+    "search_coefficients": "merging",
+    "MergeJob": "pipeline",
+    "run_merge_job": "pipeline",
+    # analysis
+    "weight_disentanglement": "analysis",
+    "cross_task_linearity": "analysis",
+    "analyze_pairs": "analysis",
+    # atomic outputs
+    "atomic_output_dir": "io_utils",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'saft_hf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hub import (  # noqa: F401
+        load_base_state,
+        load_task_vector,
+        load_task_vectors,
+        make_model_card,
+        push_task_vector,
+    )
+    from .task_vectors import (  # noqa: F401
+        CorruptedTaskVectorError,
+        IncompatibleTaskVectorError,
+        TaskVector,
+        TaskVectorError,
+        add_scaled_,
+        check_compatible,
+    )
+    from .trainer import SAMTrainer, SAMTrainingArguments  # noqa: F401

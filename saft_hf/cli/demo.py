@@ -1,0 +1,49 @@
+"""`saft-demo`: the offline, CPU-sized SAFT-vs-standard merging benchmark (parsing and printing only)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from transformers import HfArgumentParser
+
+from ..demo.config import DemoArguments
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
+    """`DemoArguments` from the command line (`--sam-rho` and `--sam_rho` both work)."""
+    parser = HfArgumentParser(DemoArguments, description=__doc__)
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo and print its tables; the output folder holds results.json, results.md and figures."""
+    try:
+        args = parse_args(argv)
+    except ValueError as error:  # bad values are reported by DemoArguments.__post_init__
+        print(f"saft-demo: error: {error}", file=sys.stderr)
+        return 2
+    from transformers.utils import logging as hf_logging
+
+    from ..demo.pipeline import run_demo  # heavy imports only once the arguments are valid
+
+    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars; the demo draws its own
+
+    try:
+        results = run_demo(args)
+    except FileExistsError as error:
+        print(f"saft-demo: error: {error}", file=sys.stderr)
+        return 2
+    print(results["table"])
+    timings = results["timings_s"]
+    print(
+        f"\nbase: {'pre-trained now' if results['base']['pretrained_this_run'] else 'reused from cache'} "
+        f"({results['base']['path']}, {timings['base']:.0f} s); total {timings['total']:.0f} s"
+    )
+    print(f"Wrote {args.output}/results.json, results.md, task_vectors/ and analysis/.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

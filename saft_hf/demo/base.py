@@ -1,0 +1,178 @@
+"""The demo's pre-trained base: a small CLIP vision tower pre-trained on the pretext task, cached.
+
+The base plays CLIP's part: it is trained once on data that is none of the evaluation tasks, saved
+with `save_pretrained` (safetensors) under the user's cache dir, and every later run reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Trainer,
+    TrainingArguments,
+)
+
+from ..io_utils import atomic_output_dir
+from .pretext import build_pretext
+
+logger = logging.getLogger(__name__)
+
+BASE_FORMAT_VERSION = 1  # bump when pretraining changes, so old caches are not reused
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Everything that determines the pre-trained base; its hash names the cache entry."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    projection_dim: int = 64
+    pretext_classes: int = 64
+    pretext_per_class: int = 100
+    pretrain_steps: int = 1500
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 1e-3
+    seed: int = 0
+
+    def vision_config(self) -> CLIPVisionConfig:
+        """The `CLIPVisionConfig` of the base tower."""
+        return CLIPVisionConfig(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=4 * self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            projection_dim=self.projection_dim,
+        )
+
+    def cache_key(self) -> str:
+        """A short hash of the spec (and format version): same spec, same cached base."""
+        payload = json.dumps({"version": BASE_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    """`$SAFT_HF_CACHE/demo`, else `$XDG_CACHE_HOME/saft_hf/demo`, else `~/.cache/saft_hf/demo`."""
+    root = os.environ.get("SAFT_HF_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "saft_hf")
+    return Path(root).expanduser() / "demo"
+
+
+def image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """A CLIP image processor for `image_size` pixels (CLIP's mean/std), saved beside the base.
+
+    The PIL backend: at 32 pixels it is fast enough, and it needs no torchvision.
+    """
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+class CosinePretextModel(nn.Module):
+    """The base tower plus a cosine classifier over the pretext classes (CLIP-style scaled cosine logits)."""
+
+    def __init__(self, vision: CLIPVisionModelWithProjection, num_classes: int) -> None:
+        super().__init__()
+        self.vision = vision
+        self.prototypes = nn.Parameter(torch.randn(num_classes, vision.config.projection_dim) * 0.02)
+        # CLIP's logit scale (1/0.07 at init), learned; the zero-shot-style demo heads reuse cosines.
+        self.log_scale = nn.Parameter(torch.tensor(2.659))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        embeds = F.normalize(self.vision(pixel_values=pixel_values).image_embeds, dim=-1)
+        logits = self.log_scale.exp().clamp(max=100) * embeds @ F.normalize(self.prototypes, dim=-1).T
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def _pixel_items(spec: BaseSpec, sample_seed: int, per_class: int) -> list[dict[str, torch.Tensor]]:
+    """Pretext examples preprocessed once into tensors (reading Arrow rows per step costs more than the model)."""
+    processor = image_processor(spec.image_size)
+    data = build_pretext(spec.pretext_classes, per_class, spec.seed, spec.image_size, sample_seed)
+    pixels = processor(images=list(data["image"]), return_tensors="pt")["pixel_values"]
+    labels = torch.as_tensor(list(data["label"]), dtype=torch.long)
+    return [{"pixel_values": pixels[i], "labels": labels[i]} for i in range(len(labels))]
+
+
+def pretrain(spec: BaseSpec, output_dir: Path) -> dict[str, float]:
+    """Pre-train the base on the pretext task and `save_pretrained` it (with its processor) to `output_dir`."""
+    torch.manual_seed(spec.seed)
+    vision = CLIPVisionModelWithProjection(spec.vision_config())
+    model = CosinePretextModel(vision, spec.pretext_classes)
+    train = _pixel_items(spec, 0, spec.pretext_per_class)
+    held_out = _pixel_items(spec, 1, max(2, spec.pretext_per_class // 6))
+    with tempfile.TemporaryDirectory(prefix="saft-demo-pretrain-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=spec.pretrain_steps,
+            per_device_train_batch_size=spec.pretrain_batch_size,
+            per_device_eval_batch_size=256,
+            learning_rate=spec.pretrain_lr,
+            weight_decay=0.05,
+            warmup_steps=max(1, spec.pretrain_steps // 20),
+            lr_scheduler_type="cosine",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_steps=max(1, spec.pretrain_steps // 5),
+            report_to="none",
+            seed=spec.seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+        trainer.train()
+        predictions = trainer.predict(held_out)
+    accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
+    vision.save_pretrained(output_dir)
+    image_processor(spec.image_size).save_pretrained(output_dir)
+    info = {"pretext_held_out_accuracy": accuracy, "spec": asdict(spec), "version": BASE_FORMAT_VERSION}
+    (output_dir / "pretext.json").write_text(json.dumps(info, indent=2))
+    return {"pretext_held_out_accuracy": accuracy}
+
+
+def _is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("model.safetensors", "config.json", "pretext.json"))
+
+
+def ensure_base(spec: BaseSpec, cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """Path of the cached base for `spec`, pre-training it first if absent; returns (path, was_trained).
+
+    Written to a temporary directory beside the target and renamed, so an interrupted run never
+    leaves a half-written base that a later run would trust.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / f"base-{spec.cache_key()}"
+    if _is_complete(target):
+        logger.info("Reusing cached demo base model at %s", target)
+        return target, False
+    logger.info("Pre-training the demo base model (cached afterwards at %s)", target)
+    # An incomplete leftover is replaced only once the new base is complete.
+    with atomic_output_dir(target, overwrite=True) as staging:
+        pretrain(spec, staging)
+    return target, True
+
+
+def load_base(path: str | os.PathLike) -> CLIPVisionModelWithProjection:
+    """The cached base tower (safetensors, no remote code)."""
+    return CLIPVisionModelWithProjection.from_pretrained(path, use_safetensors=True)

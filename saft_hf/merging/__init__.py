@@ -1,0 +1,30 @@
+"""Merging task vectors: one function per method, registered by name, computed tensor by tensor."""
+
+from . import basic, dare, pcb, ties  # noqa: F401  (importing registers the methods)
+from .api import merge
+from .registry import (
+    METHODS,
+    MergeError,
+    MergeMethod,
+    MethodParam,
+    get_method,
+    parse_method_args,
+    register_method,
+)
+from .report import MergeReport, TaskResult
+from .search import SearchResult, search_coefficients
+
+__all__ = [
+    "METHODS",
+    "MergeError",
+    "MergeMethod",
+    "MergeReport",
+    "MethodParam",
+    "SearchResult",
+    "TaskResult",
+    "get_method",
+    "merge",
+    "parse_method_args",
+    "register_method",
+    "search_coefficients",
+]

@@ -1,0 +1,130 @@
+"""``run_merge_job``: load → merge (fixed λ or λ search) → evaluate → write atomically → push."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..io_utils import atomic_output_dir
+from ..merging import MergeReport, SearchResult, get_method, merge, search_coefficients
+from ..task_vectors import TaskVector, add_scaled_
+from .evaluation import CachedBatches, TaskEvaluator
+from .inputs import BaseModel, load_all, load_heads, load_split, recorded_accuracy, task_names
+from .job import MergeJob, MergeJobError
+from .outputs import copy_heads, push_folder, write_metadata
+
+PROCESSOR_NAME = "preprocessor_config.json"
+
+
+@dataclass
+class MergeOutcome:
+    """What a job produced: the output folder, its config and results, and the Hub commit if pushed."""
+
+    output: Path
+    merge_config: dict[str, Any]
+    results: dict[str, Any]
+    search: SearchResult | None = None
+    report: MergeReport | None = None
+    commit_url: str | None = None
+
+
+def _individual(vectors: list[TaskVector], tasks: list[str], required: bool) -> dict[str, float]:
+    """Fine-tuned accuracies recorded in the vectors' configs (all required for normalised selection)."""
+    known = {}
+    for vector, task in zip(vectors, tasks):
+        value = recorded_accuracy(vector)
+        if value is None and required:
+            raise MergeJobError(
+                f"--select normalized needs the fine-tuned accuracy of task {task!r}, but {vector.source} records "
+                "none (config 'metrics': {'accuracy': ...}); use --select absolute."
+            )
+        if value is not None:
+            known[task] = value
+    return known
+
+
+def _evaluator(job: MergeJob, vectors: list[TaskVector], base: BaseModel, split: str) -> TaskEvaluator:
+    from transformers import AutoImageProcessor
+
+    heads = load_heads(vectors, job.data_dir)
+    processor = AutoImageProcessor.from_pretrained(base.directory)
+    data = {
+        task: CachedBatches(load_split(task, split, job.data_dir, processor, job.max_eval_samples), job.batch_size)
+        for task in heads
+    }
+    return TaskEvaluator(heads, data, job.device, job.progress)
+
+
+def _repo_record(repo: str, revision: str | None, vector: TaskVector) -> dict[str, Any]:
+    local = Path(repo).is_dir()
+    resolved = None if local else vector.source.rsplit("@", 1)[-1]
+    return {"repo": repo, "revision": revision, "resolved_revision": resolved, "local": local}
+
+
+def run_merge_job(job: MergeJob) -> MergeOutcome:
+    """Run a validated-on-entry merge job; nothing is written unless every step succeeds."""
+    job.validate()
+    spec = get_method(job.method)
+    vectors, base = load_all(job)
+    tasks = task_names(vectors)
+    individual = _individual(vectors, tasks, required=job.search and job.select == "normalized")
+
+    search: SearchResult | None = None
+    if job.search:
+        evaluate = _evaluator(job, vectors, base, "validation")
+        normalize_by = individual if job.select == "normalized" else None
+        search = search_coefficients(
+            base.model, base.state, vectors, job.method, evaluate, grid=job.grid_values(),
+            method_args=job.method_args, normalize_by=normalize_by, progress=job.progress,
+        )  # fmt: skip
+        method_args = {**search.method_args, "scaling": search.best_scaling}
+    else:
+        method_args = spec.resolve(job.merge_args())
+        merged = merge(vectors, job.method, progress=job.progress, **method_args)
+        add_scaled_(base.model, base.state, merged, 1.0)
+
+    report: MergeReport | None = None
+    if job.evaluate:
+        accuracies = _evaluator(job, vectors, base, "test")(base.model)
+        report = MergeReport.from_accuracies(accuracies, individual, job.method, method_args)
+
+    revisions = job.revisions or [None] * len(vectors)
+    merge_config = {
+        "saft_hf_version": __version__,
+        "method": job.method,
+        "paper": spec.paper,
+        "method_args": method_args,
+        "scaling": method_args.get("scaling"),
+        "repos": [_repo_record(r, rev, v) for r, rev, v in zip(job.repos, revisions, vectors)],
+        "tasks": tasks,
+        "base_model": {
+            "id": base.id, "revision": base.revision, "resolved_revision": base.resolved_revision,
+            "local": base.resolved_revision is None,
+        },  # fmt: skip
+        "search": None
+        if search is None
+        else {"grid": list(job.grid_values()), "selection": job.select, "table": search.table},
+        "evaluation": {"split": "test", "max_eval_samples": job.max_eval_samples} if job.evaluate else None,
+    }
+    results = {
+        "method": job.method,
+        "method_args": method_args,
+        "scaling": method_args.get("scaling"),
+        "search": search.to_dict() if search is not None else None,
+        "evaluation": report.to_dict() if report is not None else None,
+    }
+    output = Path(job.output)
+    with atomic_output_dir(output, overwrite=job.overwrite) as tmp:
+        base.model.save_pretrained(tmp)
+        if (base.directory / PROCESSOR_NAME).is_file():  # so the folder loads with AutoImageProcessor too
+            shutil.copyfile(base.directory / PROCESSOR_NAME, tmp / PROCESSOR_NAME)
+        copy_heads(vectors, tasks, tmp)
+        write_metadata(tmp, merge_config, results, report.format_table() if report is not None else None)
+    commit_url = None
+    if job.push_to_hub:
+        message = f"saft-merge: {job.method} of {len(vectors)} task vectors"
+        commit_url = push_folder(output, job.push_to_hub, job.private, job.token, message)
+    return MergeOutcome(output, merge_config, results, search, report, commit_url)

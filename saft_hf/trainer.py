@@ -1,0 +1,283 @@
+"""`SAMTrainer`: a `transformers.Trainer` whose `training_step` does the SAM/ASAM two-pass update.
+
+Only the HF glue lives here; the ascent math is in :mod:`saft_hf.sam`. The optimizer step, gradient
+clipping, LR schedule, gradient accumulation, mixed precision and logging stay the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from . import sam
+
+__all__ = ["SAMTrainer", "SAMTrainingArguments"]
+
+_ASCENT_MODES = ("local", "global")
+_ADAPTIVE_SCOPES = ("weights", "all")
+
+
+@dataclass
+class SAMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the sharpness-aware minimisation settings (SAM / ASAM)."""
+
+    sam_rho: float = field(
+        default=0.05,
+        metadata={
+            "help": "Radius rho of the ascent step. 0 disables SAM (identical to a plain Trainer run). "
+            "SAM: 0.05 is usual; ASAM (--sam_adaptive): the SAFT paper uses 0.5."
+        },
+    )
+    sam_adaptive: bool = field(
+        default=False,
+        metadata={"help": "Use adaptive SAM (ASAM, Kwon et al. 2021): eps = rho T^2 g / ||T g||, T = |w| + eta."},
+    )
+    sam_eta: float = field(
+        default=0.01,
+        metadata={"help": "ASAM's eta in T = |w| + eta (0 reproduces the SAFT paper's code)."},
+    )
+    sam_adaptive_scope: str = field(
+        default="weights",
+        metadata={
+            "help": "Which parameters ASAM rescales by |w| + eta: 'weights' (names ending in 'weight', as "
+            "the ASAM authors' code; T = 1 for biases) or 'all' (as the SAFT paper's code).",
+            "choices": list(_ADAPTIVE_SCOPES),
+        },
+    )
+    sam_ascent: str = field(
+        default="local",
+        metadata={
+            "help": "'local': each process perturbs with its own micro-batch gradient (the original SAM's "
+            "m-sharpness, no communication); 'global': the ascent gradient is averaged across processes.",
+            "choices": list(_ASCENT_MODES),
+        },
+    )
+    sam_exclude: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions: trainable parameters whose name matches one (re.search) are "
+            "trained but never perturbed, e.g. 'bias' 'layer_norm'.",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.sam_rho) or self.sam_rho < 0:
+            raise ValueError(f"sam_rho must be a finite number >= 0 (0 disables SAM), got {self.sam_rho!r}.")
+        if not math.isfinite(self.sam_eta) or self.sam_eta < 0:
+            raise ValueError(f"sam_eta must be a finite number >= 0, got {self.sam_eta!r}.")
+        if self.sam_ascent not in _ASCENT_MODES:
+            raise ValueError(f"sam_ascent must be one of {_ASCENT_MODES}, got {self.sam_ascent!r}.")
+        if self.sam_adaptive_scope not in _ADAPTIVE_SCOPES:
+            raise ValueError(
+                f"sam_adaptive_scope must be one of {_ADAPTIVE_SCOPES}, got {self.sam_adaptive_scope!r}."
+            )
+        if isinstance(self.sam_exclude, str):
+            self.sam_exclude = [self.sam_exclude]
+        for pattern in self.sam_exclude or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"sam_exclude pattern {pattern!r} is not a valid regular expression: {err}") from err
+        super().__post_init__()
+
+
+class SAMTrainer(Trainer):
+    """Trainer whose `training_step` does SAM/ASAM: ascent at w, descent at w + eps, restore w.
+
+    Logged with the Trainer's metrics: ``sam_sharpness`` (mean L(w + eps) - L(w) over the
+    micro-batches since the last log), ``sam_ascent_norm`` and ``sam_skipped`` (perturbations skipped
+    because the ascent gradient norm was zero or not finite, e.g. an fp16 overflow).
+    """
+
+    args: SAMTrainingArguments
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SAMTrainingArguments):
+            raise TypeError(
+                f"SAMTrainer needs SAMTrainingArguments, got {type(self.args).__name__}; "
+                "build the arguments with saft_hf.SAMTrainingArguments(...)."
+            )
+        self._check_supported()
+        self._sam_named_params: list[tuple[str, nn.Parameter]] | None = None
+        self._sam_trainable: list[nn.Parameter] = []
+        self._sam_loss: torch.Tensor | None = None
+        self._sam_stats: dict[str, Any] = {"sharpness": 0.0, "norm": 0.0, "steps": 0, "skipped": 0}
+
+    @property
+    def sam_enabled(self) -> bool:
+        return self.args.sam_rho > 0
+
+    def _check_supported(self) -> None:
+        """Refuse setups where the two-pass update would be silently wrong."""
+        if not self.sam_enabled:
+            return
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "SAMTrainer does not support DeepSpeed: its backward steps the engine at the accumulation "
+                "boundary and ZeRO>=2 ignores no_sync, so the ascent pass would update the weights. Use DDP "
+                "(accelerate launch --multi_gpu) or set sam_rho=0."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "SAMTrainer does not support FSDP yet: the ascent norm over sharded gradients needs a "
+                "cross-rank reduction this trainer does not do. Use DDP (accelerate launch --multi_gpu) "
+                "or set sam_rho=0."
+            )
+        if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
+            raise ValueError(
+                f"optim={self.args.optim!r} updates weights inside backward, which SAM's restore cannot undo; "
+                "choose another optimizer (e.g. adamw_torch)."
+            )
+
+    def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable, non-excluded parameters (PEFT: the adapters only), in a stable order."""
+        if self._sam_named_params is None:
+            patterns = [re.compile(p) for p in self.args.sam_exclude or []]
+            named = [
+                (name, param)
+                for name, param in self.model.named_parameters()
+                if param.requires_grad and not any(p.search(name) for p in patterns)
+            ]
+            if not named:
+                raise ValueError(
+                    "SAMTrainer found no parameter to perturb: none requires grad, or sam_exclude "
+                    f"({self.args.sam_exclude}) matches all of them."
+                )
+            self._sam_named_params = named
+            self._sam_trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return self._sam_named_params
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """The parent's loss; remembers its value so both passes' losses can be compared."""
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        loss = result[0] if isinstance(result, tuple) else result
+        self._sam_loss = loss.detach().float().mean()
+        return result
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        if not self.sam_enabled:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        named = self._sam_parameters()
+        params = [p for _, p in named]
+        trainable = self._sam_trainable
+
+        # 1. Set aside gradients accumulated by earlier micro-batches: the ascent needs this
+        #    micro-batch's gradient alone, and the accumulated ones must come out untouched.
+        accumulated = [p.grad for p in trainable]
+        for p in trainable:
+            p.grad = None
+
+        # 2. Ascent pass at w, without DDP's all-reduce (forward and backward both inside no_sync).
+        ascent_loss = self._ascent(model, inputs, num_items_in_batch)
+        grads = [p.grad for p in params]
+        if self.args.sam_ascent == "global":
+            self._all_reduce_mean(params)
+
+        # 3. w -> w + eps (fp32 norm; skipped when zero/inf/nan, the same on every rank in 'global').
+        adaptive = (
+            sam.adaptive_mask([n for n, _ in named], self.args.sam_adaptive_scope)
+            if self.args.sam_adaptive
+            else None
+        )
+        backup, norm = sam.first_step(params, grads, self.args.sam_rho, adaptive, self.args.sam_eta)
+        del grads
+
+        # 4. Put the accumulated gradients back before the descent, so DDP all-reduces them with it.
+        for p, grad in zip(trainable, accumulated, strict=True):
+            p.grad = grad
+        del accumulated
+
+        # 5. Descent through the parent: same loss scaling, num_items_in_batch, GradScaler, backward.
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            # 6. Restore w bitwise before the optimizer step.
+            if backup is not None:
+                sam.second_step(params, backup)
+        self._record(ascent_loss, self._sam_loss, norm, skipped=backup is None)
+        return loss
+
+    def _ascent(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor | None:
+        """Forward and backward at w on this micro-batch; returns the (unscaled) loss value."""
+        model.train()
+        ascent_inputs = self._prepare_inputs(dict(inputs))  # compute_loss pops labels: use a copy
+        with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, ascent_inputs, num_items_in_batch=num_items_in_batch)
+            if self.args.n_gpu > 1:
+                loss = loss.mean()
+            # Through accelerator.backward so fp16 uses the GradScaler: eps = rho g/||g|| is
+            # invariant to the scale, and an overflow shows up as a non-finite norm (skipped).
+            self.accelerator.backward(loss)
+        return self._sam_loss
+
+    def _all_reduce_mean(self, params: list[nn.Parameter]) -> None:
+        """'global' ascent: average the ascent gradient over processes (one flat all-reduce)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        for p in params:  # every rank must take part in the collective with the same layout
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    def _record(
+        self, ascent_loss: torch.Tensor | None, descent_loss: torch.Tensor | None, norm: torch.Tensor, skipped: bool
+    ) -> None:
+        stats = self._sam_stats
+        if skipped:
+            stats["skipped"] += 1
+            return
+        if ascent_loss is not None and descent_loss is not None:
+            # kept as tensors: no device sync per step
+            stats["sharpness"] = stats["sharpness"] + (descent_loss - ascent_loss).double()
+            stats["norm"] = stats["norm"] + norm.double().to(descent_loss.device)
+            stats["steps"] += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the SAM metrics to each training log (averaged over processes)."""
+        if self.sam_enabled and "loss" in logs:
+            stats = self._sam_stats
+            totals = torch.stack(
+                [
+                    torch.as_tensor(stats[key], dtype=torch.float64).to(self.args.device)
+                    for key in ("sharpness", "norm", "steps", "skipped")
+                ]
+            )
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            sharpness, norm, steps, skipped = totals.tolist()
+            if steps:
+                logs["sam_sharpness"] = sharpness / steps
+                logs["sam_ascent_norm"] = norm / steps
+            logs["sam_skipped"] = int(skipped)
+            self._sam_stats = {"sharpness": 0.0, "norm": 0.0, "steps": 0, "skipped": 0}
+        super().log(logs, *args, **kwargs)
+
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
+        """Two forward/backward passes per micro-batch under SAM."""
+        flops = super().floating_point_ops(inputs)
+        return 2 * flops if self.sam_enabled else flops

@@ -1,0 +1,32 @@
+"""Run by `accelerate launch` from tests/test_trainer_distributed.py: train the toy model, save each rank's weights."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from saft_hf import SAMTrainer  # noqa: E402
+from tests.sam_toy import ToyClassifier, sgd_args, toy_dataset  # noqa: E402
+
+
+def main() -> None:
+    out, ascent, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    args = sgd_args(out, sam_rho=0.05, sam_ascent=ascent, per_device_train_batch_size=batch, max_steps=steps)
+    trainer = SAMTrainer(model=ToyClassifier(), args=args, train_dataset=toy_dataset())
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+    save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
+    if rank == 0:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        Path(out, "world.json").write_text(json.dumps({"world_size": world}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""saft-demo: deterministic tasks, the cached base, and the whole pipeline at toy size."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saft_hf.cli.demo import main
+from saft_hf.demo import base as demo_base
+from saft_hf.demo.base import BaseSpec, ensure_base
+from saft_hf.demo.data import TASK_NAMES, TASKS, _digit_pools, build_split, build_task
+from saft_hf.demo.report import summarize_seeds
+from saft_hf.task_vectors import TaskVector
+
+TINY_BASE = BaseSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16,
+                     pretext_classes=4, pretext_per_class=4, pretrain_steps=2, pretrain_batch_size=8)  # fmt: skip
+
+
+def _pixels(dataset) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in dataset["image"]])
+
+
+def test_tasks_are_deterministic_for_a_seed():
+    first, again = build_split("counts", "train", 10, seed=3), build_split("counts", "train", 10, seed=3)
+    other = build_split("counts", "train", 10, seed=4)
+    assert np.array_equal(_pixels(first), _pixels(again)) and list(first["label"]) == list(again["label"])
+    assert not np.array_equal(_pixels(first), _pixels(other))
+
+
+def test_splits_of_a_task_differ():
+    data = build_task("shapes", seed=0, n_train=6, n_validation=6, n_test=6)
+    assert not np.array_equal(_pixels(data["train"]), _pixels(data["test"]))
+    assert not np.array_equal(_pixels(data["validation"]), _pixels(data["test"]))
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_every_task_is_balanced_rgb_32px_with_its_class_names(task):
+    n_classes = len(TASKS[task].classes)
+    data = build_split(task, "validation", 2 * n_classes, seed=0)
+    assert data.features["label"].names == list(TASKS[task].classes)
+    assert np.bincount(list(data["label"]), minlength=n_classes).tolist() == [2] * n_classes
+    image = data[0]["image"]
+    assert image.mode == "RGB" and image.size == (32, 32)
+
+
+def test_eight_tasks_of_different_kinds():
+    assert len(TASK_NAMES) == 8 and len({TASKS[t].render for t in TASK_NAMES}) == 8
+
+
+def test_digit_images_are_never_shared_between_splits():
+    pools = _digit_pools()
+    flat = {split: {images.tobytes() for images in pools[split][0]} for split in pools}
+    assert not flat["train"] & flat["test"] and not flat["validation"] & flat["test"]
+
+
+def test_unknown_task_is_refused_with_the_known_names():
+    with pytest.raises(ValueError, match="choose from digits"):
+        build_split("mnist", "train", 4)
+
+
+def test_base_cache_is_reused_on_a_second_call(tmp_path, monkeypatch):
+    path, trained = ensure_base(TINY_BASE, tmp_path)
+    assert trained and path.name == f"base-{TINY_BASE.cache_key()}"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "pretext.json"} <= {
+        p.name for p in path.iterdir()
+    }
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pre-trained again although the base is cached")
+
+    monkeypatch.setattr(demo_base, "pretrain", no_pretraining)
+    again, trained_again = ensure_base(TINY_BASE, tmp_path)
+    assert again == path and not trained_again
+
+
+def test_base_cache_key_changes_with_the_spec():
+    assert TINY_BASE.cache_key() != BaseSpec(**{**TINY_BASE.__dict__, "seed": 1}).cache_key()
+
+
+def test_cache_dir_follows_saft_hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFT_HF_CACHE", str(tmp_path))
+    assert demo_base.default_cache_dir() == tmp_path / "demo"
+
+
+def test_interrupted_pretraining_leaves_no_cache_entry(tmp_path, monkeypatch):
+    def crash(spec, output_dir):
+        (output_dir / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_base, "pretrain", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_base(TINY_BASE, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _toy_argv(output, cache):
+    return [
+        "--output", str(output), "--cache-dir", str(cache), "--no-progress",
+        "--tasks", "sizes", "colours", "--steps", "3", "--batch-size", "8",
+        "--n-train", "8", "--n-validation", "8", "--n-test", "8",
+        "--lambda-grid", "0.5", "1.0", "--ties-densities", "0.2", "--pcb-ratios", "0.1",
+        "--analysis-alphas", "0.0", "1.0", "--analysis-samples", "8", "--analysis-pairs", "1",
+        "--base-hidden-size", "32", "--base-layers", "1", "--base-pretrain-steps", "2",
+        "--base-pretext-classes", "4", "--base-pretext-per-class", "4", "--threads", "1",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """One toy-sized demo run (fresh cache): its output folder, cache and printed text."""
+    root = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(_toy_argv(root / "out", root / "cache"))
+    return {"code": code, "output": root / "out", "cache": root / "cache", "printed": printed.getvalue()}
+
+
+def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
+    assert toy_run["code"] == 0
+    output = toy_run["output"]
+    results = json.loads((output / "results.json").read_text())
+    summary = results["summary"]
+    assert set(summary) == {"zero_shot", "individual", "task_arithmetic", "ties", "pcb"}
+    for row in summary.values():
+        diff = row["saft"]["mean"]["mean"] - row["standard"]["mean"]["mean"]
+        assert row["difference"]["mean"]["mean"] == pytest.approx(diff)
+    seed = results["seeds"][0]
+    assert seed["merged"]["ties"]["saft"]["method_args"] == {"density": 0.2}
+    assert seed["merged"]["task_arithmetic"]["standard"]["scaling"] in (0.5, 1.0)
+    for variant in ("standard", "saft"):
+        for task in ("sizes", "colours"):
+            vector = TaskVector.from_pretrained(output / "task_vectors" / "seed-0" / variant / task)
+            assert vector.config["task"] == task and vector.config["variant"] == variant
+            assert vector.class_names == list(TASKS[task].classes)
+    figures = output / "analysis" / "sizes+colours"
+    assert (figures / "disentanglement.png").is_file() and (figures / "joint_loss.png").is_file()
+    table = (output / "results.md").read_text()
+    assert "task arithmetic" in table and "TIES" in table and "PCB" in table and "difference" in table
+    assert "individual fine-tuned" in toy_run["printed"] and "pre-trained now" in toy_run["printed"]
+
+
+def test_second_run_reuses_the_base_and_refuses_an_existing_output(toy_run, tmp_path, capsys):
+    assert main(_toy_argv(tmp_path / "b", toy_run["cache"])) == 0
+    assert not json.loads((tmp_path / "b" / "results.json").read_text())["base"]["pretrained_this_run"]
+    assert main(_toy_argv(toy_run["output"], toy_run["cache"])) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_task_name_is_a_clear_cli_error(capsys):
+    assert main(["--tasks", "digits", "mnist"]) == 2
+    assert "mnist" in capsys.readouterr().err
+
+
+def test_seed_summary_reports_mean_and_std_of_the_difference():
+    def seed(std_acc, saft_acc):
+        merged = {m: {"standard": {"test": {"a": std_acc}}, "saft": {"test": {"a": saft_acc}}} for m in ("task_arithmetic", "ties", "pcb")}
+        return {"zero_shot": {"a": 0.1}, "individual": {"standard": {"a": 1.0}, "saft": {"a": 1.0}}, "merged": merged}
+
+    summary = summarize_seeds([seed(0.5, 0.6), seed(0.5, 0.8)], ["a"])
+    diff = summary["ties"]["difference"]["mean"]
+    assert diff["mean"] == pytest.approx(0.2) and diff["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))

@@ -1,0 +1,307 @@
+"""Merge methods against plain in-memory references (flatten everything) and hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saft_hf.merging import METHODS, MergeError, merge, parse_method_args
+
+SHAPES = {"a.weight": (7, 5), "a.bias": (7,), "b.weight": (3, 4, 2), "c": (1,)}
+
+
+def random_vectors(n: int = 3, seed: int = 0, shapes=SHAPES) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randn(s, generator=g) * (i + 1) for k, s in shapes.items()} for i in range(n)]
+
+
+def flatten(vectors):
+    return torch.stack([torch.cat([v[k].reshape(-1).float() for k in v]) for v in vectors])
+
+
+def unflatten(flat: torch.Tensor, shapes=SHAPES) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for k, s in shapes.items():
+        size = math.prod(s)
+        out[k] = flat[start : start + size].reshape(s)
+        start += size
+    return out
+
+
+# ------------------------------------------------------------------- in-memory references (tests only)
+def ties_reference(vectors, density, scaling):
+    m = flatten(vectors)
+    d = m.shape[1]
+    if density < 1:
+        thr = m.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+        m = torch.where(m.abs() >= thr, m, 0.0)
+    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(m) == sign
+    return unflatten(scaling * (m * agree).sum(0) / agree.sum(0).clamp(min=1))
+
+
+def pcb_reference(vectors, ratio, scaling, shapes=SHAPES):
+    """Direct transcription of the PCB formulas (authors' code form) on flattened (n, d) vectors."""
+    m = flatten(vectors)
+    n, d = m.shape
+
+    def order_stat(x, idx):  # 0-based index into each sorted row
+        return x.sort(dim=1).values[:, idx : idx + 1]
+
+    def norm(x):
+        lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+        return (x - lo) / (hi - lo)
+
+    mag = m.abs()
+    mag = mag.clamp(order_stat(mag, int(d * 1e-4)), order_stat(mag, int(d * (1 - 1e-4) - 1)))
+    clipped = torch.sign(m) * mag
+    intra = torch.exp(n * norm(mag) ** 2)
+    inter = torch.tanh(m * m.sum(0))
+    score = intra * inter
+    beta = norm(score.clamp(min=order_stat(score, int(d * (1 - ratio)))))
+    return unflatten(scaling * (clipped * beta).sum(0) / beta.sum(0).clamp(min=1e-12), shapes)
+
+
+def assert_close_dicts(got, expected, **tol):
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k].to(got[k].dtype), **tol)
+
+
+# ----------------------------------------------------------------------------------- against refs
+def test_task_arithmetic_is_scaled_sum():
+    vs = random_vectors()
+    got = merge(vs, "task_arithmetic", scaling=0.4)
+    assert_close_dicts(got, {k: 0.4 * sum(v[k] for v in vs) for k in SHAPES})
+
+
+def test_weight_average_is_mean_task_vector():
+    vs = random_vectors(4)
+    assert_close_dicts(merge(vs, "weight_average"), {k: sum(v[k] for v in vs) / 4 for k in SHAPES})
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.9])
+def test_ties_matches_whole_vector_reference(density):
+    vs = random_vectors(4, seed=1)
+    assert_close_dicts(merge(vs, "ties", density=density, scaling=0.7), ties_reference(vs, density, 0.7))
+
+
+def test_ties_trims_globally_not_per_tensor():
+    # vector 0: tensor "c" holds the only large value, so a global top-k keeps nothing else from it
+    vs = random_vectors(2, seed=2)
+    vs[0] = {k: v * 1e-3 for k, v in vs[0].items()}
+    vs[0]["c"] = torch.tensor([100.0])
+    density = 1 / sum(math.prod(s) for s in SHAPES.values())
+    merged = merge(vs, "ties", density=density, scaling=1.0)
+    expected = ties_reference(vs, density, 1.0)
+    assert_close_dicts(merged, expected)
+    assert merged["c"].item() == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3, 1.0])
+def test_pcb_matches_formula_transcription(ratio):
+    vs = random_vectors(3, seed=3)
+    assert_close_dicts(merge(vs, "pcb", ratio=ratio, scaling=0.9), pcb_reference(vs, ratio, 0.9), atol=1e-5, rtol=1e-4)
+
+
+def test_pcb_clips_outliers_like_the_transcription_on_heavy_tails():
+    # d = 35000 so the 0.01% / 99.99% order statistics clip several entries per task
+    shapes = {"w": (20000,), "v": (50, 300)}
+    g = torch.Generator().manual_seed(10)
+    vs = [{k: torch.randn(s, generator=g) ** 3 for k, s in shapes.items()} for _ in range(3)]
+    merged = merge(vs, "pcb", ratio=0.1, scaling=1.0)
+    assert_close_dicts(merged, pcb_reference(vs, 0.1, 1.0, shapes), atol=1e-5, rtol=1e-4)
+    largest = max(v["w"].abs().max().item() for v in vs)
+    assert merged["w"].abs().max().item() < largest  # the outliers were clipped
+
+
+def test_pcb_drops_all_but_top_ratio_per_task():
+    vs = random_vectors(2, seed=4, shapes={"w": (1000,)})
+    merged = merge(vs, "pcb", ratio=0.05, scaling=1.0)["w"]
+    # each task keeps ~5% (β > 0 strictly above its threshold), so at most ~10% of entries survive
+    assert 0 < int((merged != 0).sum()) <= 100
+
+
+# ------------------------------------------------------------------------------------- hand cases
+def test_ties_sign_conflict_keeps_only_the_elected_side():
+    v1 = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    v2 = {"w": torch.tensor([-3.0, 1.0, 3.0])}
+    merged = merge([v1, v2], "ties", density=1.0, scaling=1.0)["w"]
+    # sums -2, -1, 6 → signs -, -, + → disjoint means -3, -2, 3
+    assert merged.tolist() == [-3.0, -2.0, 3.0]
+
+
+def test_ties_keeps_all_entries_tied_at_the_threshold():
+    v1 = {"w": torch.tensor([1.0, -1.0, 1.0, 1.0, 0.5])}
+    v2 = {"w": torch.zeros(5)}
+    # d=5, density 0.2 keeps 1 by count, but four entries tie at |τ| = 1 and are all kept
+    merged = merge([v1, v2], "ties", density=0.2, scaling=1.0)["w"]
+    assert merged.tolist() == [1.0, -1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_all_zero_vectors_merge_to_zero(method):
+    vs = [{k: torch.zeros(s) for k, s in SHAPES.items()} for _ in range(3)]
+    merged = merge(vs, method)
+    for k, s in SHAPES.items():
+        assert merged[k].shape == s and torch.count_nonzero(merged[k]) == 0
+
+
+def test_ties_density_one_is_scaled_disjoint_mean():
+    vs = random_vectors(3, seed=5)
+    m = flatten(vs)
+    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(m) == sign
+    expected = unflatten(0.5 * (m * agree).sum(0) / agree.sum(0).clamp(min=1))
+    assert_close_dicts(merge(vs, "ties", density=1.0, scaling=0.5), expected)
+
+
+@pytest.mark.parametrize("method", [m for m in sorted(METHODS) if METHODS[m].scalable])
+def test_scaling_multiplies_the_merged_vector(method):
+    vs = random_vectors(3, seed=6)
+    low, high = merge(vs, method, scaling=0.25), merge(vs, method, scaling=0.75)
+    assert_close_dicts(high, {k: 3 * v for k, v in low.items()})
+    assert any(torch.count_nonzero(v) for v in low.values())
+
+
+def test_low_precision_inputs_keep_their_dtype():
+    vs = [{k: v.to(torch.bfloat16) for k, v in d.items()} for d in random_vectors(3, seed=7)]
+    merged = merge(vs, "ties", density=0.5, scaling=1.0)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    expected = ties_reference([{k: v.float() for k, v in d.items()} for d in vs], 0.5, 1.0)
+    assert_close_dicts(merged, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_output_dtype_can_be_requested():
+    vs = [{k: v.to(torch.float16) for k, v in d.items()} for d in random_vectors(2)]
+    merged = merge(vs, "task_arithmetic", scaling=1.0, dtype=torch.float32)
+    assert all(t.dtype == torch.float32 for t in merged.values())
+    torch.testing.assert_close(merged["c"], vs[0]["c"].float() + vs[1]["c"].float())
+    with pytest.raises(MergeError, match="floating torch.dtype"):
+        merge(vs, "task_arithmetic", dtype=torch.int8)
+
+
+# ------------------------------------------------------------------------------------------- DARE
+def test_dare_is_reproducible_with_its_seed_and_varies_without():
+    vs = random_vectors(3, seed=8)
+    a = merge(vs, "dare", density=0.5, seed=1)
+    b = merge(vs, "dare", density=0.5, seed=1)
+    c = merge(vs, "dare", density=0.5, seed=2)
+    assert_close_dicts(a, b, atol=0, rtol=0)
+    assert not torch.equal(a["a.weight"], c["a.weight"])
+
+
+def test_dare_mask_is_independent_of_tensor_order():
+    vs = random_vectors(2, seed=9)
+    reordered = [dict(reversed(list(v.items()))) for v in vs]
+    assert_close_dicts(merge(vs, "dare", seed=3), merge(reordered, "dare", seed=3), atol=0, rtol=0)
+
+
+def test_dare_drops_at_the_expected_rate_and_rescales_kept_entries():
+    ones = {"w": torch.ones(20000)}
+    zeros = {"w": torch.zeros(20000)}
+    merged = merge([ones, zeros], "dare", density=0.3, scaling=1.0, seed=0)["w"]
+    kept = merged != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.02
+    torch.testing.assert_close(merged[kept], torch.full((int(kept.sum()),), 1 / 0.3))
+
+
+def test_dare_with_ties_base_elects_signs_on_dropped_vectors():
+    v1, v2 = {"w": torch.full((4000,), 1.0)}, {"w": torch.full((4000,), -3.0)}
+    merged = merge([v1, v2], "dare", density=0.5, dare_base="ties", scaling=1.0, seed=0)["w"]
+    # where v2 survives its value (−6) wins the sign vote; where only v1 survives, +2 stays
+    assert set(torch.unique(merged).tolist()) <= {-6.0, 0.0, 2.0}
+    assert (merged == -6.0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+# ------------------------------------------------------------------------------------- validation
+def test_fewer_than_two_vectors_is_rejected():
+    with pytest.raises(MergeError, match="at least 2 task vectors, got 1"):
+        merge(random_vectors(1), "ties")
+
+
+def test_differing_keys_name_the_first_offending_parameter():
+    vs = random_vectors(2)
+    del vs[1]["b.weight"]
+    with pytest.raises(MergeError, match=r"'b.weight'.*missing from task vector 1"):
+        merge(vs, "task_arithmetic")
+    vs = random_vectors(2)
+    vs[1]["extra"] = torch.zeros(1)
+    with pytest.raises(MergeError, match=r"'extra' is in task vector 1"):
+        merge(vs, "task_arithmetic")
+
+
+def test_differing_shapes_name_the_parameter_and_shapes():
+    vs = random_vectors(2)
+    vs[1]["a.bias"] = torch.zeros(8)
+    with pytest.raises(MergeError, match=r"'a.bias' has shape \(7,\) in task vector 0 but \(8,\)"):
+        merge(vs, "ties")
+
+
+def test_unknown_method_lists_available_ones():
+    with pytest.raises(MergeError, match="unknown merge method 'slerp'.*dare, pcb, task_arithmetic, ties"):
+        merge(random_vectors(2), "slerp")
+
+
+def test_unknown_parameter_lists_valid_ones():
+    with pytest.raises(MergeError, match="no parameter 'k'; valid parameters: density, scaling"):
+        merge(random_vectors(2), "ties", k=20)
+    with pytest.raises(MergeError, match="no parameter 'scaling'; valid parameters: none"):
+        merge(random_vectors(2), "weight_average", scaling=1.0)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        ({"scaling": 0.0}, "finite number > 0"),
+        ({"scaling": -1.0}, "finite number > 0"),
+        ({"scaling": float("nan")}, "finite number > 0"),
+        ({"scaling": float("inf")}, "finite number > 0"),
+        ({"density": 0.0}, r"\(0, 1\]"),
+        ({"density": 1.5}, r"\(0, 1\]"),
+        ({"density": "0.2"}, "must be float"),
+        ({"density": True}, "must be float"),
+    ],
+)
+def test_bad_parameter_values_are_rejected(args, pattern):
+    with pytest.raises(MergeError, match=pattern):
+        merge(random_vectors(2), "ties", **args)
+
+
+def test_bad_choice_and_integer_parameters_are_rejected():
+    with pytest.raises(MergeError, match="one of"):
+        merge(random_vectors(2), "dare", dare_base="slerp")
+    with pytest.raises(MergeError, match="must be int"):
+        merge(random_vectors(2), "dare", seed=1.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_name_the_tensor_and_vector(bad):
+    vs = random_vectors(3)
+    vs[2]["b.weight"][1, 2, 0] = bad
+    for method in METHODS:
+        with pytest.raises(MergeError, match=r"tensor 'b.weight' of task vector 2 contains NaN or inf"):
+            merge(vs, method)
+
+
+def test_cli_method_args_are_parsed_and_validated():
+    assert parse_method_args("dare", ["density=0.25", "dare_base=ties", "seed=4"]) == {
+        "density": 0.25,
+        "dare_base": "ties",
+        "seed": 4,
+    }
+    with pytest.raises(MergeError, match="expects float, got 'abc'"):
+        parse_method_args("ties", ["density=abc"])
+    with pytest.raises(MergeError, match="valid parameters: density, scaling"):
+        parse_method_args("ties", ["topk=3"])
+    with pytest.raises(MergeError, match="not key=value"):
+        parse_method_args("ties", ["0.2"])
+
+
+def test_every_method_documents_its_parameters():
+    for name, spec in METHODS.items():
+        text = spec.describe()
+        assert text.startswith(f"{name}:") and spec.paper in text
+        assert all(f"{p}=" in text and spec.params[p].help for p in spec.params)

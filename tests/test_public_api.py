@@ -1,0 +1,40 @@
+"""Every public name listed by saft_hf resolves, and the SAM math imports without transformers."""
+
+import subprocess
+import sys
+
+import saft_hf
+
+
+def test_every_public_name_is_importable_from_saft_hf():
+    for name in saft_hf.__all__:
+        assert getattr(saft_hf, name) is not None, name
+
+
+def test_unknown_attribute_raises_attribute_error():
+    try:
+        saft_hf.NotAThing  # noqa: B018
+    except AttributeError as err:
+        assert "NotAThing" in str(err)
+    else:
+        raise AssertionError("expected AttributeError")
+
+
+def test_sam_math_does_not_import_transformers():
+    code = "import sys, saft_hf.sam; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_testing_module_builds_the_offline_setup_the_readme_uses(tmp_path):
+    from datasets import load_from_disk
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from saft_hf.testing import TINY_TASKS, main
+
+    main([str(tmp_path)])
+    assert CLIPModel.from_pretrained(tmp_path / "clip").config.projection_dim == 16
+    assert CLIPTokenizer.from_pretrained(tmp_path / "clip")("a red thing")["input_ids"]
+    for task, classes in TINY_TASKS.items():
+        data = load_from_disk(str(tmp_path / "data" / task))
+        assert data["train"].features["label"].names == classes

@@ -1,0 +1,68 @@
+"""The SAM/ASAM math in saft_hf.sam, on plain tensors."""
+
+import math
+
+import torch
+
+from saft_hf import sam
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 4, generator=g), torch.randn(4, generator=g)]
+
+
+def test_sam_epsilon_is_rho_times_normalised_gradient_over_all_params():
+    params = _params()
+    grads = [torch.full((3, 4), 1.0), torch.full((4,), 2.0)]
+    original = [p.clone() for p in params]
+    backup, norm = sam.first_step(params, [g.clone() for g in grads], rho=0.1)
+    expected_norm = math.sqrt(12 * 1.0 + 4 * 4.0)
+    assert math.isclose(norm.item(), expected_norm, rel_tol=1e-6)
+    for p, o, g in zip(params, original, grads):
+        torch.testing.assert_close(p - o, 0.1 * g / expected_norm)
+    assert all(torch.equal(b, o) for b, o in zip(backup, original))
+
+
+def test_asam_scales_weights_by_abs_w_plus_eta_and_leaves_biases_unscaled():
+    params = _params()
+    grads = [torch.randn(3, 4), torch.randn(4)]
+    original = [p.clone() for p in params]
+    mask = sam.adaptive_mask(["fc.weight", "fc.bias"])
+    assert mask == [True, False]
+    sam.first_step(params, [g.clone() for g in grads], rho=0.5, adaptive=mask, eta=0.01)
+    t = original[0].abs() + 0.01
+    norm = torch.sqrt(((t * grads[0]) ** 2).sum() + (grads[1] ** 2).sum())
+    torch.testing.assert_close(params[0] - original[0], 0.5 * t * t * grads[0] / norm)
+    torch.testing.assert_close(params[1] - original[1], 0.5 * grads[1] / norm)
+
+
+def test_adaptive_scope_all_scales_every_parameter():
+    assert sam.adaptive_mask(["a.weight", "a.bias", "ln.bias"], scope="all") == [True, True, True]
+
+
+def test_restore_is_bitwise_even_in_bfloat16():
+    params = [torch.randn(1000, dtype=torch.bfloat16)]
+    original = params[0].clone()
+    backup, _ = sam.first_step(params, [torch.randn(1000, dtype=torch.bfloat16)], rho=0.05)
+    assert not torch.equal(params[0], original)
+    sam.second_step(params, backup)
+    assert torch.equal(params[0], original)
+
+
+def test_zero_or_nonfinite_gradient_norm_skips_the_perturbation():
+    for bad in (torch.zeros(4), torch.tensor([1.0, float("inf"), 0.0, 0.0]), torch.full((4,), float("nan"))):
+        params = [torch.randn(4)]
+        original = params[0].clone()
+        backup, norm = sam.first_step(params, [bad], rho=0.05)
+        assert backup is None
+        assert torch.equal(params[0], original)
+        assert not (torch.isfinite(norm) and norm > 0)
+
+
+def test_parameters_without_gradient_are_not_moved():
+    params = _params()
+    original = [p.clone() for p in params]
+    sam.first_step(params, [torch.ones(3, 4), None], rho=0.05)
+    assert torch.equal(params[1], original[1])
+    assert not torch.equal(params[0], original[0])

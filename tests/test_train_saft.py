@@ -1,0 +1,156 @@
+"""examples/train_saft.py end to end through `accelerate launch` (1 and 2 CPU processes), plus its arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saft_hf.clip import ZeroShotHead, build_zero_shot_head, load_vision_tower
+from saft_hf.tasks import resolve_task
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_saft.py"
+
+
+def _load_script():
+    """Import the example as a module (registered in sys.modules, as its dataclasses need)."""
+    if "train_saft" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_saft", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train_saft"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["train_saft"]
+
+
+def _launch(tmp: Path, clip_dir: Path, data_dir: Path, processes: int, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """Start `accelerate launch examples/train_saft.py` on the tiny task; returns the process and output dir."""
+    out = tmp / "out"
+    launcher = ["--num_processes", "1"] if processes == 1 else ["--multi_gpu", "--num_processes", str(processes)]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+        "--task", "TinyColors", "--model_name_or_path", str(clip_dir), "--data_dir", str(data_dir),
+        "--output_dir", str(out), "--max_steps", "8", "--per_device_train_batch_size", str(16 // processes),
+        "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1", "--use_cpu",
+        "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp / "hf_home"), "PYTHONPATH": str(REPO)}
+    with open(tmp / "log.txt", "w") as log:  # the child keeps its own copy of the file descriptor
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return process, out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_clip_dir, tiny_task_data_dir):
+    """The 1-process ASAM run and the 2-process SAM run, started side by side to save wall time."""
+    tmp1, tmp2 = tmp_path_factory.mktemp("train_1proc"), tmp_path_factory.mktemp("train_2proc")
+    started = {
+        "single": (tmp1, *_launch(tmp1, tiny_clip_dir, tiny_task_data_dir, 1)),
+        "two": (tmp2, *_launch(tmp2, tiny_clip_dir, tiny_task_data_dir, 2, "--sam_adaptive", "false", "--sam_rho", "0.05")),
+    }  # fmt: skip
+    outputs = {}
+    for name, (tmp, process, out) in started.items():
+        returncode = process.wait(timeout=300)
+        log = (tmp / "log.txt").read_text()
+        assert returncode == 0, f"{name} run failed:\n{log[-6000:]}"
+        outputs[name] = out
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def single_run(runs):
+    return runs["single"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(runs):
+    return runs["two"]
+
+
+def _assert_task_vector_is_finetuned_minus_base(out: Path, clip_dir: Path) -> None:
+    delta = load_file(str(out / "task_vector" / "task_vector.safetensors"))
+    finetuned = load_file(str(out / "vision_model" / "model.safetensors"))
+    base = load_vision_tower(clip_dir).state_dict()
+    assert set(delta) == set(finetuned)
+    for name, tensor in delta.items():
+        torch.testing.assert_close(tensor, finetuned[name] - base[name], rtol=0, atol=1e-6)
+    assert any(t.abs().max() > 0 for t in delta.values()), "training changed nothing"
+
+
+@pytest.mark.slow
+def test_single_process_run_writes_model_head_task_vector_and_results(single_run, tiny_clip_dir):
+    results = json.loads((single_run / "results.json").read_text())
+    assert (results["task"], results["method"], results["world_size"]) == ("TinyColors", "ASAM", 1)
+    assert results["hyperparameters"]["sam_rho"] == 0.5 and results["base_model"] == str(tiny_clip_dir)
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["global_step"] == 8
+    assert (single_run / "vision_model" / "config.json").is_file()
+    assert (single_run / "task_vector" / "head.safetensors").is_file()
+    _assert_task_vector_is_finetuned_minus_base(single_run, tiny_clip_dir)
+
+
+@pytest.mark.slow
+def test_training_loss_falls(single_run):
+    losses = json.loads((single_run / "results.json").read_text())["loss_history"]
+    assert len(losses) == 8
+    assert sum(losses[-3:]) / 3 < losses[0]
+
+
+@pytest.mark.slow
+def test_saved_head_equals_a_freshly_built_one(single_run, tiny_clip_dir, tiny_task_data_dir):
+    spec = resolve_task("TinyColors", tiny_task_data_dir)
+    fresh = build_zero_shot_head(str(tiny_clip_dir), None, spec.classnames, spec.templates)
+    saved = ZeroShotHead.from_pretrained(single_run)
+    assert torch.equal(saved.weight, fresh.weight) and torch.equal(saved.logit_scale, fresh.logit_scale)
+    assert saved.classnames == list(spec.classnames)
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_the_same_outputs(two_process_run, tiny_clip_dir):
+    results = json.loads((two_process_run / "results.json").read_text())
+    assert (results["method"], results["world_size"], results["global_step"]) == ("SAM", 2, 8)
+    _assert_task_vector_is_finetuned_minus_base(two_process_run, tiny_clip_dir)
+
+
+@pytest.mark.slow
+def test_two_process_loss_is_not_multiplied_by_the_process_count(two_process_run, single_run):
+    # both first losses are at the same initial weights on 16 examples; a 2x rescale would show
+    first_two = json.loads((two_process_run / "results.json").read_text())["loss_history"][0]
+    first_one = json.loads((single_run / "results.json").read_text())["loss_history"][0]
+    assert 0.6 * first_one < first_two < 1.5 * first_one
+
+
+def test_defaults_are_the_papers_and_standard_turns_sam_off(tmp_path):
+    script = _load_script()
+    _, args = script.parse_args(["--output_dir", str(tmp_path)])
+    assert (args.learning_rate, args.per_device_train_batch_size, args.max_steps) == (1e-5, 128, 8000)
+    assert (args.lr_scheduler_type, args.warmup_steps, args.weight_decay, args.max_grad_norm) == (
+        "cosine", 500, 0.1, 1.0,
+    )  # fmt: skip
+    assert (args.sam_adaptive, args.sam_rho, script.method_name(args)) == (True, 0.5, "ASAM")
+    _, plain = script.parse_args(["--output_dir", str(tmp_path), "--standard", "--learning_rate", "3e-5"])
+    assert (plain.sam_rho, plain.learning_rate, script.method_name(plain)) == (0.0, 3e-5, "standard")
+
+
+def test_reusing_a_head_with_the_wrong_class_count_is_an_error(tmp_path, tiny_clip_dir, tiny_task_data_dir):
+    script = _load_script()
+    patterns = resolve_task("TinyPatterns", tiny_task_data_dir)
+    build_zero_shot_head(str(tiny_clip_dir), None, patterns.classnames, patterns.templates).save_pretrained(tmp_path)
+    script_args, _ = script.parse_args(["--output_dir", str(tmp_path), "--model_name_or_path", str(tiny_clip_dir)])
+    colors = resolve_task("TinyColors", tiny_task_data_dir)
+    with pytest.raises(ValueError, match="3 classes but task 'TinyColors' has 4"):
+        script.load_or_build_head(colors, script_args, tmp_path)
+
+
+def test_help_explains_the_arguments():
+    text = _load_script().build_parser().format_help()
+    for flag in ("--task", "--model_name_or_path", "--data_dir", "--output_dir", "--sam_rho", "--sam_adaptive"):
+        assert flag in text
+    assert "task_spec.json" in text and "--standard" in text
