@@ -11,7 +11,6 @@ and the zero-shot head, ``task_vector/`` (fine-tuned − pre-trained vision weig
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelerate import PartialState
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, HfArgumentParser
 
 from saft_hf.clip import (
@@ -194,10 +194,7 @@ def train_task(task: str, script_args: ScriptArguments, training_args: SAMTraini
             config={k: results[k] for k in ("task", "method", "base_model", "test_accuracy", "hyperparameters")},
             head_dir=output_dir,
         )
-        # the model card needs saft_hf.hub, which may not be installed in every checkout
-        task_vector.save_pretrained(
-            output_dir / "task_vector", model_card=importlib.util.find_spec("saft_hf.hub") is not None
-        )
+        task_vector.save_pretrained(output_dir / "task_vector")
         _write_json(results, output_dir / "results.json")
         print(f"{spec.name}: test accuracy {accuracy:.4f} ({results['method']}), outputs in {output_dir}")
     trainer.accelerator.wait_for_everyone()
@@ -211,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         training_args.output_dir = str(root / TASKS[task].name) if len(tasks) > 1 else str(root)
         train_task(task, script_args, training_args)
+    # Destroy the process group before exit: left to interpreter shutdown, gloo's threads can abort it.
+    PartialState().destroy_process_group()
     return 0
 
 

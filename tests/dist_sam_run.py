@@ -26,6 +26,9 @@ def main() -> None:
     if rank == 0:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         Path(out, "world.json").write_text(json.dumps({"world_size": world}))
+    # Tear the gloo group down before exit: left to interpreter shutdown, its threads can abort the process.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
