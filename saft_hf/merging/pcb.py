@@ -81,10 +81,14 @@ def pcb(
     bounds = order_statistics(magnitudes, n, _clip_ranks, magnitude=True)
 
     def scores() -> Iterator[Iterator[Tensor]]:
+        # block by block, like the final pass: same-sized temporaries keep the allocator from
+        # fragmenting (whole-tensor temporaries of every size grew peak RSS to ~6x one vector)
         for name in iter_names(names, progress, "pcb: score threshold"):
-            tensors = reader.read(name)
-            total = torch.stack(tensors).sum(dim=0)
-            yield (competition_score(t, total, bounds[i], n)[0] for i, t in enumerate(tensors))
+            flat = [t.reshape(-1) for t in reader.read(name)]
+            for part in chunks(flat[0].numel()):
+                block = [f[part] for f in flat]
+                total = torch.stack(block).sum(dim=0)
+                yield (competition_score(t, total, bounds[i], n)[0] for i, t in enumerate(block))
 
     # [threshold s_i, max score] per task: the bounds of the min-max Norm applied after the drop
     score_bounds = order_statistics(scores, n, lambda d: [int(d * (1 - ratio)) + 1, d])
