@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from accelerate import PartialState
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, HfArgumentParser
+from transformers.utils.hub import cached_file, extract_commit_hash
 
 from saft_hf.clip import (
     HEAD_WEIGHTS_NAME,
@@ -33,6 +34,7 @@ from saft_hf.clip import (
     load_vision_tower,
 )
 from saft_hf.metrics import load_accuracy
+from saft_hf.task_vector_io import provenance_config
 from saft_hf.task_vectors import TaskVector
 from saft_hf.tasks import TASKS, TaskSpec, load_task, resolve_task
 from saft_hf.trainer import SAMTrainer, SAMTrainingArguments
@@ -112,6 +114,13 @@ def method_name(args: SAMTrainingArguments) -> str:
     return "standard" if args.sam_rho == 0 else ("ASAM" if args.sam_adaptive else "SAM")
 
 
+def base_revision(model_name_or_path: str, cache_dir: str | None) -> str | None:
+    """Commit SHA of a Hub base model (from its cached snapshot), recorded so merges load that exact base."""
+    if Path(model_name_or_path).is_dir():
+        return None
+    return extract_commit_hash(cached_file(model_name_or_path, "config.json", cache_dir=cache_dir), None)
+
+
 def _write_json(data: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -188,12 +197,16 @@ def train_task(task: str, script_args: ScriptArguments, training_args: SAMTraini
             "num_examples": {split: len(data[split]) for split in data},
             "hyperparameters": hyperparameters,
         }
-        task_vector = TaskVector.from_models(
-            pretrained,
-            model.vision_model,
-            config={k: results[k] for k in ("task", "method", "base_model", "test_accuracy", "hyperparameters")},
-            head_dir=output_dir,
+        config = provenance_config(
+            task=spec.name,
+            dataset=spec.dataset_id,
+            base_model=script_args.model_name_or_path,
+            base_model_revision=base_revision(script_args.model_name_or_path, script_args.cache_dir),
+            method=results["method"],
+            hyperparameters=hyperparameters,
+            metrics={"accuracy": accuracy},
         )
+        task_vector = TaskVector.from_models(pretrained, model.vision_model, config=config, head_dir=output_dir)
         task_vector.save_pretrained(output_dir / "task_vector")
         _write_json(results, output_dir / "results.json")
         print(f"{spec.name}: test accuracy {accuracy:.4f} ({results['method']}), outputs in {output_dir}")

@@ -24,16 +24,17 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 
 from .task_vector_io import (
     CONFIG_NAME,
-    FORMAT_VERSION,
     INDEX_NAME,
     CorruptedTaskVectorError,
     IncompatibleTaskVectorError,
     SafetensorsStore,
     TaskVectorError,
+    provenance_config,
     read_json,
     weight_map_of,
 )
@@ -50,8 +51,8 @@ _CARD_TEMPLATE = """---
 # Task vector: {{ task | default("unnamed task", true) }}
 
 This repository holds a **task vector** τ = θ_fine-tuned − θ_pre-trained (Ilharco et al., ICLR 2023)
-for [{{ base_model }}](https://huggingface.co/{{ base_model }}){% if base_revision %} at revision
-`{{ base_revision }}`{% endif %}, made with [saft-hf](https://github.com/saft-hf/saft-hf): {{ num_tensors }}
+for {% if base_on_hub %}[{{ base_model }}](https://huggingface.co/{{ base_model }}){% else %}`{{ base_model }}`{% endif %}{% if base_revision %} at revision
+`{{ base_revision }}`{% endif %}, made with saft-hf: {{ num_tensors }}
 tensors, {{ num_parameters }} parameters, stored in safetensors.
 
 - **Fine-tuning method:** {{ method }}{% if hyperparameters %} ({{ hyperparameters }}){% endif %}
@@ -82,6 +83,17 @@ less when merged.
 
 
 # ----------------------------------------------------------------------------- model card
+def _is_hub_id(name: str | None) -> bool:
+    """True for a Hub repo id such as ``openai/clip-vit-base-patch32``, False for a local path or nothing."""
+    if not name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def make_model_card(vector: TaskVector, repo_id: str | None = None) -> ModelCard:
     """A ``ModelCard`` with Hub metadata (library, base model, tags, datasets, metrics) and a merge snippet."""
     config = vector.config
@@ -89,9 +101,10 @@ def make_model_card(vector: TaskVector, repo_id: str | None = None) -> ModelCard
     metrics = config.get("metrics") or {}
     datasets = config.get("datasets") or ([config["dataset"]] if config.get("dataset") else [])
     base_model = config.get("base_model")
+    base_on_hub = _is_hub_id(base_model)
     card_data = ModelCardData(
         library_name="saft-hf",
-        base_model=base_model,
+        base_model=base_model if base_on_hub else None,  # the Hub rejects a local path here
         tags=TAGS + ([config["task"]] if config.get("task") else []),
         datasets=list(datasets) or None,
         metrics=sorted(metrics) or None,
@@ -102,6 +115,7 @@ def make_model_card(vector: TaskVector, repo_id: str | None = None) -> ModelCard
         template_str=_CARD_TEMPLATE,
         task=config.get("task"),
         base_model=base_model or "<base model>",
+        base_on_hub=base_on_hub,
         base_revision=config.get("base_model_revision"),
         repo_id=repo_id or config.get("repo_id") or "<this repo>",
         method=finetuning.get("method", "unknown"),
@@ -309,15 +323,12 @@ def _lora_vector(directory: Path, source: str) -> TaskVector:
         raise TaskVectorError(f"{source} has no adapter_model.safetensors (pickled adapters are not read).")
     store = _LoraStore(SafetensorsStore(directory, weight_map, source), config)
     base_revision = config.get("revision")
-    tv_config = {
-        "format_version": FORMAT_VERSION,
-        "base_model": config.get("base_model_name_or_path"),
-        "base_model_revision": base_revision,
-        "finetuning": {
-            "method": "lora",
-            "hyperparameters": {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora") if k in config},
-        },
-    }
+    tv_config = provenance_config(
+        base_model=config.get("base_model_name_or_path"),
+        base_model_revision=base_revision,
+        method="lora",
+        hyperparameters={k: config.get(k) for k in ("r", "lora_alpha", "use_rslora") if k in config},
+    )
     return TaskVector(config=tv_config, _store=store)  # type: ignore[arg-type]
 
 
@@ -357,13 +368,9 @@ def load_task_vector(
         model_config = read_json(directory / "config.json", source)
         store = _DifferenceStore(_open_checkpoint(directory, source), base_state)
         vector = TaskVector(
-            config={
-                "format_version": FORMAT_VERSION,
-                "base_model": base_id,
-                "finetuned_model": source,
-                "model_type": model_config.get("model_type"),
-                "finetuning": {"method": "full"},
-            },
+            config=provenance_config(
+                base_model=base_id, method="full", finetuned_model=source, model_type=model_config.get("model_type")
+            ),
             _store=store,  # type: ignore[arg-type]
         )
     else:

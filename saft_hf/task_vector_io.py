@@ -47,6 +47,40 @@ def fingerprint(shapes: Mapping[str, Sequence[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def provenance_config(
+    *,
+    task: str | None = None,
+    dataset: str | None = None,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+    method: str | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A task-vector config in the one schema that model cards and ``saft-merge`` read.
+
+    ``method``/``hyperparameters`` go under ``finetuning``, ``metrics`` (e.g. ``{"accuracy": 0.97}``, the
+    fine-tuned model's test accuracy used to normalise merged accuracy) under ``metrics``; ``extra``
+    keys are kept as they are. Unset fields are left out.
+    """
+    config: dict[str, Any] = {"format_version": FORMAT_VERSION}
+    for key, value in (
+        ("task", task),
+        ("dataset", dataset),
+        ("base_model", base_model),
+        ("base_model_revision", base_model_revision),
+    ):
+        if value is not None:
+            config[key] = value
+    if method is not None or hyperparameters:
+        config["finetuning"] = {"method": method or "unknown", "hyperparameters": dict(hyperparameters or {})}
+    if metrics:
+        config["metrics"] = dict(metrics)
+    config.update(extra)
+    return config
+
+
 # ----------------------------------------------------------------------------- lazy reads
 class SafetensorsStore:
     """Reads tensors one at a time from (possibly sharded) safetensors files; headers only at open."""

@@ -80,6 +80,13 @@ def test_model_card_carries_hub_metadata_and_merge_snippet(hub_env) -> None:
     assert CONFIG["base_model_revision"] in card.text and "rho=0.05" in card.text
 
 
+def test_model_card_keeps_a_local_base_path_out_of_the_hub_metadata(tmp_path: Path) -> None:
+    vector = TaskVector(dict(_vector(8)), {**CONFIG, "base_model": str(tmp_path)})
+    card = ModelCard.load(vector.save_pretrained(tmp_path / "tv") / "README.md")
+    assert card.data.base_model is None  # the Hub refuses a path as base_model
+    assert f"`{tmp_path}`" in card.text and "huggingface.co/" + str(tmp_path) not in card.text
+
+
 def test_load_task_vector_dispatches_hub_task_vector_repos(hub_env) -> None:
     vector = _vector(7)
     vector.push_to_hub("user/tv-dispatch", token=hub_env.token)

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from saft_hf.clip import ZeroShotHead, build_zero_shot_head, load_vision_tower
+from saft_hf.pipeline.inputs import recorded_accuracy
+from saft_hf.task_vectors import TaskVector
 from saft_hf.tasks import resolve_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +97,19 @@ def test_single_process_run_writes_model_head_task_vector_and_results(single_run
     assert (single_run / "vision_model" / "config.json").is_file()
     assert (single_run / "task_vector" / "head.safetensors").is_file()
     _assert_task_vector_is_finetuned_minus_base(single_run, tiny_clip_dir)
+
+
+@pytest.mark.slow
+def test_task_vector_records_method_metrics_and_dataset_for_card_and_merge(single_run, tiny_clip_dir):
+    results = json.loads((single_run / "results.json").read_text())
+    vector = TaskVector.from_pretrained(single_run / "task_vector")
+    assert vector.config["finetuning"]["method"] == "ASAM"
+    assert vector.config["finetuning"]["hyperparameters"]["sam_rho"] == 0.5
+    assert recorded_accuracy(vector) == results["test_accuracy"]  # what saft-merge normalises by
+    assert vector.config["base_model"] == str(tiny_clip_dir) and vector.config.get("base_model_revision") is None
+    card = ModelCard.load(single_run / "task_vector" / "README.md")
+    assert "**Fine-tuning method:** ASAM" in card.text and "sam_rho=0.5" in card.text
+    assert card.data.metrics == ["accuracy"] and card.data.datasets == [results["dataset_id"]]
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 from ..analysis import analyze_pairs, heads_logits_fn, prepare_eval_data, summarize, write_report
 from ..clip import ZeroShotHead
 from ..io_utils import atomic_output_dir
+from ..task_vector_io import provenance_config
 from ..task_vectors import TaskVector
 from .base import ensure_base, load_base
 from .config import DemoArguments
@@ -41,7 +42,12 @@ def _save_vector(
     base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, rho: float, path: Path, base_name: str
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
-    config = {"task": task, "variant": variant, "seed": seed, "sam_rho": rho, "base_model": f"saft-demo/{base_name}"}
+    config = provenance_config(
+        task=task,
+        base_model=f"saft-demo/{base_name}",
+        method=variant,
+        hyperparameters={"sam_rho": rho, "seed": seed},
+    )
     vector = TaskVector.from_models(
         base, tuned, config=config, head={"weight": head.weight, "logit_scale": head.logit_scale}, class_names=head.classnames
     )
