@@ -7,6 +7,8 @@ an exact two-pass radix selection on float32 bit patterns (65536-bucket histogra
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -69,15 +71,42 @@ def check_vectors(vectors: Sequence[Mapping[str, Tensor]]) -> list[str]:
     return list(reference)
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+TRIM_EVERY_BYTES = 64 << 20
+
+
+def release_freed_memory() -> None:
+    """Hand memory that glibc keeps after ``free`` back to the OS (a no-op without glibc).
+
+    A streaming pass frees temporaries of every size; glibc's heap keeps them, and the peak RSS of
+    a PCB merge of 8 ViT-B/32 vectors varied from 1.3x to 6.6x one vector between identical runs.
+    Trimming every ``TRIM_EVERY_BYTES`` read keeps it near the live size (measured 1.2x).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class TensorReader:
     """Reads one parameter from every vector as float32, checking finiteness on its first read."""
 
     def __init__(self, vectors: Sequence[Mapping[str, Tensor]]) -> None:
         self.vectors = vectors
         self.dtypes: dict[str, torch.dtype] = {}
+        self._bytes_since_trim = 0
 
     def read(self, name: str) -> list[Tensor]:
         """Parameter ``name`` of every vector as float32 (the input dtype is kept in ``dtypes``)."""
+        if self._bytes_since_trim >= TRIM_EVERY_BYTES:
+            release_freed_memory()  # the previous parameter's temporaries are gone by now
+            self._bytes_since_trim = 0
         first_read = name not in self.dtypes
         tensors = []
         for index, vector in enumerate(self.vectors):
@@ -96,6 +125,7 @@ class TensorReader:
                     "diverged or the file is damaged: re-create that task vector."
                 )
             tensors.append(tensor.to(torch.float32))
+            self._bytes_since_trim += tensors[-1].numel() * 4
         return tensors
 
 
@@ -195,6 +225,7 @@ def order_statistics(
         for task, value in enumerate(values):
             first.add(task, _high_bits(ordered_keys(value, magnitude)))
     high = first.result()
+    release_freed_memory()  # the pass's temporaries, before the next pass allocates its own
     counts = high.sum(dim=1).tolist()
     cumulative = high.cumsum(dim=1)
     # per task: [(slot of its high bucket in pass 2, rank inside that bucket)] for each wanted rank
@@ -226,6 +257,7 @@ def order_statistics(
             for bucket, slot in slots[task].items():
                 second.add(slot, keys[buckets == bucket].bitwise_and_(_BUCKETS - 1))
     low = second.result().cumsum(dim=1)
+    release_freed_memory()
     return [
         [
             key_to_value(((bucket - _BUCKETS // 2) << 16) | int(torch.searchsorted(low[slot], torch.tensor(rank))))
