@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     "TaskVectorError": "task_vectors",
     "IncompatibleTaskVectorError": "task_vectors",
     "CorruptedTaskVectorError": "task_vectors",
+    "provenance_config": "task_vector_io",
     "load_task_vector": "hub",
     "load_task_vectors": "hub",
     "load_base_state": "hub",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
         make_model_card,
         push_task_vector,
     )
+    from .task_vector_io import provenance_config  # noqa: F401
     from .task_vectors import (  # noqa: F401
         CorruptedTaskVectorError,
         IncompatibleTaskVectorError,

@@ -137,6 +137,7 @@ def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
         for task in ("sizes", "colours"):
             vector = TaskVector.from_pretrained(output / "task_vectors" / "seed-0" / variant / task)
             assert vector.config["task"] == task and vector.config["variant"] == variant
+            assert vector.config["finetuning"]["method"] == ("SAM" if variant == "saft" else "standard")
             assert vector.class_names == list(TASKS[task].classes)
     figures = output / "analysis" / "sizes+colours"
     assert (figures / "disentanglement.png").is_file() and (figures / "joint_loss.png").is_file()

@@ -39,14 +39,16 @@ TABLE_NAME = "results.md"
 
 
 def _save_vector(
-    base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, rho: float, path: Path, base_name: str
+    base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, args: DemoArguments, path: Path, base_name: str
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
+    sam = variant == "saft"
     config = provenance_config(
         task=task,
         base_model=f"saft-demo/{base_name}",
-        method=variant,
-        hyperparameters={"sam_rho": rho, "seed": seed},
+        method=("ASAM" if args.sam_adaptive else "SAM") if sam else "standard",
+        hyperparameters={"sam_rho": args.sam_rho if sam else 0.0, "sam_adaptive": sam and args.sam_adaptive, "seed": seed},
+        variant=variant,
     )
     vector = TaskVector.from_models(
         base, tuned, config=config, head={"weight": head.weight, "logit_scale": head.logit_scale}, class_names=head.classnames
@@ -84,7 +86,7 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path) -> d
         individual[variant][task] = accuracy(tuned, heads[task], test[task])
         train_loss[variant][task] = loss
         path = output / "task_vectors" / f"seed-{seed}" / variant / task
-        vectors[variant][task] = _save_vector(base, tuned, heads[task], task, variant, seed, rho, path, base_path.name)
+        vectors[variant][task] = _save_vector(base, tuned, heads[task], task, variant, seed, args, path, base_path.name)
     timings["fine_tuning"] = time.perf_counter() - start
 
     start = time.perf_counter()
