@@ -2,6 +2,7 @@
 
     python benchmarks/sam_overhead.py                       # tiny + ViT-B/32 vision tower, CPU fp32
     python benchmarks/sam_overhead.py --precision bf16      # on a GPU: bf16 autocast (also fp16)
+    python benchmarks/sam_overhead.py --no-heap-trim        # CPU, without glibc heap-trim page faults
 
 Each (model, trainer) runs in a fresh subprocess so peak memory is its own: CUDA's
 max_memory_allocated on a GPU, peak RSS above the pre-training baseline on CPU. Prints the median
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,21 +32,21 @@ CONFIGS = {
 }
 
 
-class _Classifier(nn.Module):
-    """Vision tower + projection + a fixed random linear head, returning Trainer-style outputs."""
+def _classifier(config_kwargs: dict, num_classes: int = 10) -> nn.Module:
+    """The product's model: vision tower + projection + a frozen unit-row head at CLIP's logit scale 100.
 
-    def __init__(self, config_kwargs: dict, num_classes: int = 10) -> None:
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    (An unnormalised random head gave losses near 100 whose perturbed point w + eps drove the
+    attention softmax into denormal floats, slowing the CPU descent pass 1.8x: a property of that
+    toy model, not of SAM.)
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        super().__init__()
-        torch.manual_seed(0)
-        self.tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**config_kwargs))
-        self.register_buffer("head", torch.randn(num_classes, self.tower.config.projection_dim))
+    from saft_hf import CLIPImageClassifier, ZeroShotHead
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.tower(pixel_values=pixel_values).image_embeds @ self.head.T
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        return {"loss": loss, "logits": logits}
+    torch.manual_seed(0)
+    tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**config_kwargs))
+    head = ZeroShotHead.from_prototypes(torch.randn(num_classes, tower.config.projection_dim), logit_scale=100.0)
+    return CLIPImageClassifier(tower, head)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -89,8 +91,8 @@ def run_one(config: str, sam: bool, steps: int, batch: int, precision: str) -> d
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
 
-    model = _Classifier(CONFIGS[config])
-    image_size = model.tower.config.image_size
+    model = _classifier(CONFIGS[config])
+    image_size = model.config.image_size
     data = _Batches(steps * batch, image_size)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as out:
@@ -112,9 +114,16 @@ def run_one(config: str, sam: bool, steps: int, batch: int, precision: str) -> d
     return {"times": timer.times, "peak_bytes": peak, "device": "cuda" if cuda else "cpu"}
 
 
+# glibc returns freed heap to the OS past a 128 KiB..64 MiB threshold and page-faults it back on the next
+# step; which step pays depends on allocation order, and on CPU it moved single step times by up to 0.8 s.
+# --no-heap-trim keeps the heap (for both trainers) so the ratio measures the trainers, not that churn.
+NO_TRIM_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(2**30), "MALLOC_MMAP_THRESHOLD_": str(2**31)}
+
+
 def _spawn(config: str, sam: bool, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--_child", json.dumps([config, sam, args.steps, args.batch, args.precision])]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = {**os.environ, **NO_TRIM_ENV} if args.no_heap_trim else None
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -124,6 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (first 2 are warm-up)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--no-heap-trim", action="store_true",
+                        help="CPU: run both trainers with glibc's heap trimming off (see NO_TRIM_ENV)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -132,7 +143,8 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, precision {args.precision}, "
-          f"batch {args.batch}, {args.steps} steps (median over steps 3..)")
+          f"batch {args.batch}, {args.steps} steps (median over steps 3..)"
+          + (", glibc heap trimming off" if args.no_heap_trim else ""))
     print(f"{'config':<10} {'device':<6} {'Trainer s/step':>15} {'SAM s/step':>11} {'time ratio':>11} "
           f"{'Trainer peak MiB':>17} {'SAM peak MiB':>13} {'mem ratio':>10}")
     for config in args.configs.split(","):

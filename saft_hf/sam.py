@@ -29,9 +29,12 @@ def adaptive_mask(names: Sequence[str], scope: str = "weights") -> list[bool]:
     raise ValueError(f"Unknown ASAM scope {scope!r}; expected 'weights' or 'all'.")
 
 
-def _scales(params: Sequence[Tensor], adaptive: Sequence[bool], eta: float) -> list[Tensor | None]:
-    """The ASAM operator T_w = |w| + eta per tensor (None means T = 1, plain SAM)."""
-    return [p.detach().abs().float().add_(eta) if a else None for p, a in zip(params, adaptive, strict=True)]
+def _scale(param: Tensor, adaptive: bool, eta: float) -> Tensor | None:
+    """ASAM's operator T_w = |w| + eta for one tensor, in fp32 (None means T = 1, plain SAM).
+
+    Built one tensor at a time so ASAM never holds a second full copy of the weights.
+    """
+    return param.detach().abs().float().add_(eta) if adaptive else None
 
 
 @torch.no_grad()
@@ -43,14 +46,14 @@ def ascent_norm(
 ) -> Tensor:
     """||T g||_2 over all tensors together, computed in fp32 (T = 1 where ``adaptive`` is False)."""
     adaptive = list(adaptive) if adaptive is not None else [False] * len(params)
-    scaled = [
-        g.float() if t is None else g.float() * t
-        for g, t in zip(grads, _scales(params, adaptive, eta), strict=True)
-        if g is not None
-    ]
-    if not scaled:
+    plain = [g for g, a in zip(grads, adaptive, strict=True) if g is not None and not a]
+    norms = list(torch._foreach_norm(plain, 2, dtype=torch.float32)) if plain else []
+    for p, g, a in zip(params, grads, adaptive, strict=True):
+        if g is not None and a:
+            t = _scale(p, True, eta)
+            norms.append(torch.linalg.vector_norm(t.mul_(g.float())))
+    if not norms:
         return torch.zeros(())
-    norms = torch._foreach_norm(scaled)
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
@@ -61,27 +64,42 @@ def first_step(
     rho: float,
     adaptive: Sequence[bool] | None = None,
     eta: float = 0.01,
+    backup: Sequence[Tensor] | None = None,
 ) -> tuple[list[Tensor] | None, Tensor]:
     """Perturb ``params`` in place to w + eps; return (copies of w to restore, ascent norm).
 
     ``adaptive[i]`` selects ASAM's T = |w| + eta for parameter i (plain SAM when all False).
     When the norm is zero or not finite (e.g. an fp16 overflow) nothing is perturbed and
     ``None`` is returned in place of the copies, so the caller can count a skipped step.
-    The gradients are consumed: fp32 ones are overwritten with eps to save memory.
+    The gradients are consumed: ASAM scales fp32 ones by T^2 in place to save memory.
+    ``backup``, when given, are buffers shaped like ``params`` that receive the copies: reusing them
+    across steps saves allocating (and on CPU page-faulting) a full copy of the weights per micro-batch.
     """
     adaptive = list(adaptive) if adaptive is not None else [False] * len(params)
     norm = ascent_norm(params, grads, adaptive, eta)
     if not torch.isfinite(norm) or norm.item() == 0.0:
         return None, norm
-    backup = [p.detach().clone() for p in params]
-    moved = [(p, g, a) for p, g, a in zip(params, grads, adaptive, strict=True) if g is not None]
-    # eps = rho * T^2 g / ||T g||  (T = 1 for plain SAM)
-    eps = [g.float() for _, g, _ in moved]
-    torch._foreach_mul_(eps, (rho / norm).item())
-    for e, t in zip(eps, _scales([p for p, _, _ in moved], [a for _, _, a in moved], eta), strict=True):
-        if t is not None:
-            e.mul_(t.square_())
-    torch._foreach_add_([p for p, _, _ in moved], [e.to(p.dtype) for (p, _, _), e in zip(moved, eps, strict=True)])
+    if backup is None:
+        backup = [p.detach().clone() for p in params]
+    else:
+        backup = list(backup)
+        torch._foreach_copy_(backup, [p.detach() for p in params])
+    scale = (rho / norm).item()
+    # eps = rho * T^2 g / ||T g||  (Kwon et al. 2021; T = 1 gives SAM, Foret et al. 2021)
+    fused_params: list[Tensor] = []
+    fused_steps: list[Tensor] = []
+    for p, g, a in zip(params, grads, adaptive, strict=True):
+        if g is None:
+            continue
+        t = _scale(p, a, eta)
+        step = g if t is None else g.float().mul_(t.square_())
+        if step.dtype == p.dtype and step.device == p.device:
+            fused_params.append(p)
+            fused_steps.append(step)
+        else:
+            p.add_((step.float() * scale).to(device=p.device, dtype=p.dtype))
+    if fused_params:
+        torch._foreach_add_(fused_params, fused_steps, alpha=scale)  # one pass: w += scale * T^2 g
     return backup, norm
 
 

@@ -108,6 +108,7 @@ class SAMTrainer(Trainer):
         self._check_supported()
         self._sam_named_params: list[tuple[str, nn.Parameter]] | None = None
         self._sam_trainable: list[nn.Parameter] = []
+        self._sam_backup: list[torch.Tensor] | None = None
         self._sam_loss: torch.Tensor | None = None
         self._sam_stats: dict[str, Any] = {"sharpness": 0.0, "norm": 0.0, "steps": 0, "skipped": 0}
 
@@ -193,7 +194,9 @@ class SAMTrainer(Trainer):
             if self.args.sam_adaptive
             else None
         )
-        backup, norm = sam.first_step(params, grads, self.args.sam_rho, adaptive, self.args.sam_eta)
+        backup, norm = sam.first_step(
+            params, grads, self.args.sam_rho, adaptive, self.args.sam_eta, backup=self._backup_buffers(params)
+        )
         del grads
 
         # 4. Put the accumulated gradients back before the descent, so DDP all-reduces them with it.
@@ -210,6 +213,15 @@ class SAMTrainer(Trainer):
                 sam.second_step(params, backup)
         self._record(ascent_loss, self._sam_loss, norm, skipped=backup is None)
         return loss
+
+    def _backup_buffers(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """One copy of the perturbed weights, allocated once and reused for every micro-batch."""
+        buffers = self._sam_backup
+        if buffers is None or len(buffers) != len(params) or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, params)
+        ):
+            buffers = self._sam_backup = [torch.empty_like(p, requires_grad=False) for p in params]
+        return buffers
 
     def _ascent(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None

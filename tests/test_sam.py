@@ -66,3 +66,27 @@ def test_parameters_without_gradient_are_not_moved():
     sam.first_step(params, [torch.ones(3, 4), None], rho=0.05)
     assert torch.equal(params[1], original[1])
     assert not torch.equal(params[0], original[0])
+
+
+def test_given_backup_buffers_are_filled_and_reused_not_reallocated():
+    params = _params()
+    original = [p.clone() for p in params]
+    buffers = [torch.full_like(p, 7.0) for p in params]
+    backup, _ = sam.first_step(params, [torch.ones(3, 4), torch.ones(4)], rho=0.05, backup=buffers)
+    assert all(b is buf for b, buf in zip(backup, buffers))
+    assert all(torch.equal(b, o) for b, o in zip(buffers, original))
+    sam.second_step(params, backup)
+    assert all(torch.equal(p, o) for p, o in zip(params, original))
+
+
+def test_asam_in_bfloat16_matches_the_fp32_formula_to_bf16_precision():
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    grad = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    original = weight.clone()
+    sam.first_step([weight], [grad.clone()], rho=5.0, adaptive=[True], eta=0.01)
+    t = original.float().abs() + 0.01
+    eps = 5.0 * t * t * grad.float() / torch.linalg.vector_norm(t * grad.float())
+    assert weight.dtype == torch.bfloat16
+    torch.testing.assert_close(weight.float(), (original.float() + eps).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-2)
+    assert not torch.equal(weight, original)
