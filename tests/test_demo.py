@@ -166,3 +166,14 @@ def test_seed_summary_reports_mean_and_std_of_the_difference():
     summary = summarize_seeds([seed(0.5, 0.6), seed(0.5, 0.8)], ["a"])
     diff = summary["ties"]["difference"]["mean"]
     assert diff["mean"] == pytest.approx(0.2) and diff["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+
+
+def test_help_describes_the_job_and_its_main_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "parsing and printing only" not in text  # the module docstring is not the user's description
+    assert "fine-tune eight small tasks" in text
+    for option in ("--output", "--seeds", "--tasks", "--steps", "--sam_rho", "--sam_adaptive", "--cache_dir"):
+        assert option in text

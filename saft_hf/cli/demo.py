@@ -12,7 +12,13 @@ from ..demo.config import DemoArguments
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
     """`DemoArguments` from the command line (`--sam-rho` and `--sam_rho` both work)."""
-    parser = HfArgumentParser(DemoArguments, description=__doc__)
+    parser = HfArgumentParser(
+        DemoArguments,
+        description="Offline, CPU-sized SAFT benchmark: pre-train (or load from cache) a small CLIP-style vision "
+        "tower, fine-tune eight small tasks with AdamW and with SAMTrainer, merge their task vectors with task "
+        "arithmetic, TIES and PCB, and write the accuracy table, results.json and the analysis figures to --output.",
+        epilog="Example: saft-demo --seeds 3 --output saft-demo-3seeds",
+    )
     (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     return args
 
