@@ -88,7 +88,7 @@ def test_cache_dir_follows_saft_hf_cache(tmp_path, monkeypatch):
 
 
 def test_interrupted_pretraining_leaves_no_cache_entry(tmp_path, monkeypatch):
-    def crash(spec, output_dir):
+    def crash(spec, output_dir, progress=True):
         (output_dir / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
@@ -115,10 +115,16 @@ def toy_run(tmp_path_factory):
     """One toy-sized demo run (fresh cache): its output folder, cache and printed text."""
     root = tmp_path_factory.mktemp("demo")
     torch.manual_seed(0)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         code = main(_toy_argv(root / "out", root / "cache"))
-    return {"code": code, "output": root / "out", "cache": root / "cache", "printed": printed.getvalue()}
+    return {
+        "code": code,
+        "output": root / "out",
+        "cache": root / "cache",
+        "printed": printed.getvalue(),
+        "stderr": errors.getvalue(),
+    }
 
 
 def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
@@ -144,6 +150,7 @@ def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
     table = (output / "results.md").read_text()
     assert "task arithmetic" in table and "TIES" in table and "PCB" in table and "difference" in table
     assert "individual fine-tuned" in toy_run["printed"] and "pre-trained now" in toy_run["printed"]
+    assert "it/s" not in toy_run["stderr"]  # --no-progress silences every bar, the base's pre-training included
 
 
 def test_second_run_reuses_the_base_and_refuses_an_existing_output(toy_run, tmp_path, capsys):

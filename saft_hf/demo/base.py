@@ -114,7 +114,7 @@ def _pixel_items(spec: BaseSpec, sample_seed: int, per_class: int) -> list[dict[
     return [{"pixel_values": pixels[i], "labels": labels[i]} for i in range(len(labels))]
 
 
-def pretrain(spec: BaseSpec, output_dir: Path) -> dict[str, float]:
+def pretrain(spec: BaseSpec, output_dir: Path, progress: bool = True) -> dict[str, float]:
     """Pre-train the base on the pretext task and `save_pretrained` it (with its processor) to `output_dir`."""
     torch.manual_seed(spec.seed)
     vision = CLIPVisionModelWithProjection(spec.vision_config())
@@ -139,6 +139,7 @@ def pretrain(spec: BaseSpec, output_dir: Path) -> dict[str, float]:
             use_cpu=True,
             dataloader_num_workers=0,
             remove_unused_columns=False,
+            disable_tqdm=not progress,
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
         trainer.train()
@@ -155,7 +156,9 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in ("model.safetensors", "config.json", "pretext.json"))
 
 
-def ensure_base(spec: BaseSpec, cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+def ensure_base(
+    spec: BaseSpec, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> tuple[Path, bool]:
     """Path of the cached base for `spec`, pre-training it first if absent; returns (path, was_trained).
 
     Written to a temporary directory beside the target and renamed, so an interrupted run never
@@ -169,7 +172,7 @@ def ensure_base(spec: BaseSpec, cache_dir: str | os.PathLike | None = None) -> t
     logger.info("Pre-training the demo base model (cached afterwards at %s)", target)
     # An incomplete leftover is replaced only once the new base is complete.
     with atomic_output_dir(target, overwrite=True) as staging:
-        pretrain(spec, staging)
+        pretrain(spec, staging, progress=progress)
     return target, True
 
 

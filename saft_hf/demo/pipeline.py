@@ -140,7 +140,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     torch.set_num_threads(args.num_threads())
     started = time.perf_counter()
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:  # refuses an existing output first
-        base_path, pretrained_now = ensure_base(args.base_spec(), args.cache_dir)
+        base_path, pretrained_now = ensure_base(args.base_spec(), args.cache_dir, progress=args.progress)
         base_seconds = time.perf_counter() - started
         base_info = json.loads((base_path / "pretext.json").read_text())
         seeds = [run_seed(args, seed, base_path, staging) for seed in range(args.seeds)]
