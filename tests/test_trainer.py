@@ -257,3 +257,20 @@ def test_loss_scale_overflow_skips_the_perturbation_and_never_corrupts_weights(t
     assert sum(e.get("sam_skipped", 0) for e in trainer.state.log_history) >= 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.accelerator.scaler.get_scale() < 2.0**126  # the scaler saw the overflow and backed off
+
+
+@pytest.mark.parametrize("flag, name", [("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")])
+def test_sharded_backends_are_refused_with_a_way_out(tmp_path, monkeypatch, flag, name):
+    # FSDP/DeepSpeed need a launcher and GPUs; fake the plugin flag Trainer derives from the accelerator.
+    original = Trainer.create_accelerator_and_postprocess
+
+    def with_plugin(self):
+        original(self)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_plugin)
+    with pytest.raises(ValueError, match=f"does not support {name}") as error:
+        SAMTrainer(model=ToyClassifier(), args=sgd_args(str(tmp_path)), train_dataset=toy_dataset())
+    assert "sam_rho=0" in str(error.value) and "--multi_gpu" in str(error.value)
+    # the same backend with SAM off is a plain Trainer run and is allowed
+    SAMTrainer(model=ToyClassifier(), args=sgd_args(str(tmp_path), sam_rho=0.0), train_dataset=toy_dataset())
