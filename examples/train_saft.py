@@ -24,6 +24,7 @@ from accelerate import PartialState
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, HfArgumentParser
 from transformers.utils.hub import cached_file, extract_commit_hash
 
+from saft_hf import sam
 from saft_hf.clip import (
     HEAD_WEIGHTS_NAME,
     CLIPImageClassifier,
@@ -111,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SAMTrain
 
 
 def method_name(args: SAMTrainingArguments) -> str:
-    return "standard" if args.sam_rho == 0 else ("ASAM" if args.sam_adaptive else "SAM")
+    return sam.method_name(args.sam_rho, args.sam_adaptive)
 
 
 def base_revision(model_name_or_path: str, cache_dir: str | None) -> str | None:

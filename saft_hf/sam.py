@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adaptive_mask", "ascent_norm", "first_step", "second_step"]
+__all__ = ["adaptive_mask", "ascent_norm", "first_step", "method_name", "second_step"]
 
 
 def adaptive_mask(names: Sequence[str], scope: str = "weights") -> list[bool]:
@@ -27,6 +27,11 @@ def adaptive_mask(names: Sequence[str], scope: str = "weights") -> list[bool]:
     if scope == "weights":
         return [name.endswith("weight") for name in names]
     raise ValueError(f"Unknown ASAM scope {scope!r}; expected 'weights' or 'all'.")
+
+
+def method_name(rho: float, adaptive: bool) -> str:
+    """How a run fine-tuned, as task-vector configs and reports record it: standard, SAM or ASAM."""
+    return "standard" if rho == 0 else ("ASAM" if adaptive else "SAM")
 
 
 def _scale(param: Tensor, adaptive: bool, eta: float) -> Tensor | None:

@@ -108,6 +108,7 @@ class SAMTrainer(Trainer):
         self._check_supported()
         self._sam_named_params: list[tuple[str, nn.Parameter]] | None = None
         self._sam_trainable: list[nn.Parameter] = []
+        self._sam_adaptive: list[bool] | None = None
         self._sam_backup: list[torch.Tensor] | None = None
         self._sam_loss: torch.Tensor | None = None
         self._sam_stats: dict[str, Any] = {"sharpness": 0.0, "norm": 0.0, "steps": 0, "skipped": 0}
@@ -153,6 +154,8 @@ class SAMTrainer(Trainer):
                     f"({self.args.sam_exclude}) matches all of them."
                 )
             self._sam_named_params = named
+            if self.args.sam_adaptive:
+                self._sam_adaptive = sam.adaptive_mask([n for n, _ in named], self.args.sam_adaptive_scope)
             self._sam_trainable = [p for p in self.model.parameters() if p.requires_grad]
         return self._sam_named_params
 
@@ -189,13 +192,8 @@ class SAMTrainer(Trainer):
             self._all_reduce_mean(params)
 
         # 3. w -> w + eps (fp32 norm; skipped when zero/inf/nan, the same on every rank in 'global').
-        adaptive = (
-            sam.adaptive_mask([n for n, _ in named], self.args.sam_adaptive_scope)
-            if self.args.sam_adaptive
-            else None
-        )
         backup, norm = sam.first_step(
-            params, grads, self.args.sam_rho, adaptive, self.args.sam_eta, backup=self._backup_buffers(params)
+            params, grads, self.args.sam_rho, self._sam_adaptive, self.args.sam_eta, backup=self._backup_buffers(params)
         )
         del grads
 

@@ -22,6 +22,7 @@ from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 from ..analysis import analyze_pairs, heads_logits_fn, prepare_eval_data, summarize, write_report
 from ..clip import ZeroShotHead
 from ..io_utils import atomic_output_dir
+from ..sam import method_name
 from ..task_vector_io import provenance_config
 from ..task_vectors import TaskVector
 from .base import ensure_base, load_base
@@ -39,15 +40,16 @@ TABLE_NAME = "results.md"
 
 
 def _save_vector(
-    base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, args: DemoArguments, path: Path, base_name: str
+    base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, rho: float, adaptive: bool, path: Path,
+    base_name: str,
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
-    sam = variant == "saft"
+    adaptive = adaptive and rho > 0
     config = provenance_config(
         task=task,
         base_model=f"saft-demo/{base_name}",
-        method=("ASAM" if args.sam_adaptive else "SAM") if sam else "standard",
-        hyperparameters={"sam_rho": args.sam_rho if sam else 0.0, "sam_adaptive": sam and args.sam_adaptive, "seed": seed},
+        method=method_name(rho, adaptive),
+        hyperparameters={"sam_rho": rho, "sam_adaptive": adaptive, "seed": seed},
         variant=variant,
     )
     vector = TaskVector.from_models(
@@ -58,7 +60,7 @@ def _save_vector(
 
 
 def _sam_label(args: DemoArguments) -> str:
-    return f"ASAM ρ={args.sam_rho:g}" if args.sam_adaptive else f"SAM ρ={args.sam_rho:g}"
+    return f"{method_name(args.sam_rho, args.sam_adaptive)} ρ={args.sam_rho:g}"
 
 
 def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path) -> dict[str, Any]:
@@ -86,7 +88,9 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path) -> d
         individual[variant][task] = accuracy(tuned, heads[task], test[task])
         train_loss[variant][task] = loss
         path = output / "task_vectors" / f"seed-{seed}" / variant / task
-        vectors[variant][task] = _save_vector(base, tuned, heads[task], task, variant, seed, args, path, base_path.name)
+        vectors[variant][task] = _save_vector(
+            base, tuned, heads[task], task, variant, seed, rho, args.sam_adaptive, path, base_path.name
+        )
     timings["fine_tuning"] = time.perf_counter() - start
 
     start = time.perf_counter()
