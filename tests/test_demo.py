@@ -18,7 +18,7 @@ from saft_hf.demo.report import summarize_seeds
 from saft_hf.task_vectors import TaskVector
 
 TINY_BASE = BaseSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16,
-                     pretext_classes=4, pretext_per_class=4, pretrain_steps=2, pretrain_batch_size=8)  # fmt: skip
+                     pretext_scenes=16, pretrain_steps=2, pretrain_batch_size=8)  # fmt: skip
 
 
 def _pixels(dataset) -> np.ndarray:
@@ -106,7 +106,8 @@ def _toy_argv(output, cache):
         "--lambda-grid", "0.5", "1.0", "--ties-densities", "0.2", "--pcb-ratios", "0.1",
         "--analysis-alphas", "0.0", "1.0", "--analysis-samples", "8", "--analysis-pairs", "1",
         "--base-hidden-size", "32", "--base-layers", "1", "--base-pretrain-steps", "2",
-        "--base-pretext-classes", "4", "--base-pretext-per-class", "4", "--threads", "1",
+        "--base-pretext-scenes", "16", "--threads", "1", "--variants", "standard", "sam",
+        "--seed-start", "2",
     ]  # fmt: skip
 
 
@@ -134,16 +135,21 @@ def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
     summary = results["summary"]
     assert set(summary) == {"zero_shot", "individual", "task_arithmetic", "ties", "pcb"}
     for row in summary.values():
-        diff = row["saft"]["mean"]["mean"] - row["standard"]["mean"]["mean"]
-        assert row["difference"]["mean"]["mean"] == pytest.approx(diff)
+        diff = row["sam"]["mean"]["mean"] - row["standard"]["mean"]["mean"]
+        assert row["difference"]["sam"]["mean"]["mean"] == pytest.approx(diff)
+    assert results["variants"] == {"standard": "standard", "sam": "SAM ρ=0.05"}
     seed = results["seeds"][0]
-    assert seed["merged"]["ties"]["saft"]["method_args"] == {"density": 0.2}
+    assert seed["seed"] == 2  # --seed-start 2
+    assert seed["merged"]["ties"]["sam"]["method_args"] == {"density": 0.2}
     assert seed["merged"]["task_arithmetic"]["standard"]["scaling"] in (0.5, 1.0)
-    for variant in ("standard", "saft"):
+    assert summary["task_arithmetic"]["standard"]["lambda"]["mean"] in (0.5, 1.0)
+    assert -1.0 <= seed["merged"]["ties"]["sam"]["mean_cosine"] <= 1.0
+    assert seed["task_vectors"]["sam"]["mean_norm"] > 0 and set(seed["sharpness"]["sam"]) == {"sizes", "colours"}
+    for variant in ("standard", "sam"):
         for task in ("sizes", "colours"):
-            vector = TaskVector.from_pretrained(output / "task_vectors" / "seed-0" / variant / task)
+            vector = TaskVector.from_pretrained(output / "task_vectors" / "seed-2" / variant / task)
             assert vector.config["task"] == task and vector.config["variant"] == variant
-            assert vector.config["finetuning"]["method"] == ("SAM" if variant == "saft" else "standard")
+            assert vector.config["finetuning"]["method"] == ("SAM" if variant == "sam" else "standard")
             assert vector.class_names == list(TASKS[task].classes)
     figures = output / "analysis" / "sizes+colours"
     assert (figures / "disentanglement.png").is_file() and (figures / "joint_loss.png").is_file()
@@ -165,14 +171,61 @@ def test_bad_task_name_is_a_clear_cli_error(capsys):
     assert "mnist" in capsys.readouterr().err
 
 
-def test_seed_summary_reports_mean_and_std_of_the_difference():
-    def seed(std_acc, saft_acc):
-        merged = {m: {"standard": {"test": {"a": std_acc}}, "saft": {"test": {"a": saft_acc}}} for m in ("task_arithmetic", "ties", "pcb")}
-        return {"zero_shot": {"a": 0.1}, "individual": {"standard": {"a": 1.0}, "saft": {"a": 1.0}}, "merged": merged}
+def _seed(std_acc, saft_acc):
+    merged = {
+        m: {"standard": {"test": {"a": std_acc}, "scaling": 0.3}, "saft": {"test": {"a": saft_acc}, "scaling": 0.2}}
+        for m in ("task_arithmetic", "ties", "pcb")
+    }
+    return {"zero_shot": {"a": 0.1}, "individual": {"standard": {"a": 0.9}, "saft": {"a": 0.9}}, "merged": merged}
 
-    summary = summarize_seeds([seed(0.5, 0.6), seed(0.5, 0.8)], ["a"])
-    diff = summary["ties"]["difference"]["mean"]
+
+def test_seed_summary_reports_the_paired_difference_with_a_95_percent_t_interval():
+    summary = summarize_seeds([_seed(0.5, 0.6), _seed(0.5, 0.8)], ["a"], ["standard", "saft"])
+    diff = summary["ties"]["difference"]["saft"]["mean"]
     assert diff["mean"] == pytest.approx(0.2) and diff["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    half = 12.706 * diff["std"] / np.sqrt(2)  # t(0.975, 1 df)
+    assert diff["ci_low"] == pytest.approx(0.2 - half, rel=1e-3) and diff["ci_high"] == pytest.approx(0.2 + half, rel=1e-3)
+
+
+def test_seed_summary_reports_gap_recovered_and_lambda():
+    summary = summarize_seeds([_seed(0.5, 0.7)], ["a"], ["standard", "saft"])
+    assert summary["task_arithmetic"]["standard"]["gap_recovered"]["mean"] == pytest.approx(0.5)  # (0.5-0.1)/(0.9-0.1)
+    assert summary["task_arithmetic"]["saft"]["gap_recovered"]["mean"] == pytest.approx(0.75)
+    assert summary["pcb"]["saft"]["lambda"]["mean"] == pytest.approx(0.2)
+
+
+def test_attribute_pretext_keeps_every_attribute_and_drops_some_mentions():
+    from saft_hf.demo.attributes import ATTRIBUTES, IGNORE, build_attribute_pretext
+
+    data = build_attribute_pretext(300, seed=0, drop=0.3)
+    labels = np.array(data["attributes"])
+    assert labels.shape == (300, len(ATTRIBUTES))
+    dropped = (labels == IGNORE).mean()
+    assert 0.2 < dropped < 0.4
+    for column, size in enumerate(ATTRIBUTES.values()):  # every coarse value occurs, none out of range
+        seen = set(labels[labels[:, column] != IGNORE, column].tolist())
+        assert seen == set(range(size))
+    again = build_attribute_pretext(300, seed=0, drop=0.3)
+    assert np.array_equal(_pixels(data), _pixels(again))
+
+
+def test_attribute_pretext_model_ignores_unmentioned_attributes():
+    from transformers import CLIPVisionModelWithProjection
+
+    from saft_hf.demo.base import AttributePretextModel
+
+    torch.manual_seed(0)
+    model = AttributePretextModel(CLIPVisionModelWithProjection(TINY_BASE.vision_config()), {"a": 3, "b": 2})
+    pixels = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([[0, 1], [2, -100], [1, 0], [0, -100]])
+    out = model(pixel_values=pixels, labels=labels)
+    assert out["logits"].shape == (4, 5)
+    logits = out["logits"]
+    expected = (
+        torch.nn.functional.cross_entropy(logits[:, :3], labels[:, 0], reduction="sum")
+        + torch.nn.functional.cross_entropy(logits[[0, 2], 3:], labels[[0, 2], 1], reduction="sum")
+    ) / 6
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_help_describes_the_job_and_its_main_options(capsys):
@@ -182,5 +235,5 @@ def test_help_describes_the_job_and_its_main_options(capsys):
     text = capsys.readouterr().out
     assert "parsing and printing only" not in text  # the module docstring is not the user's description
     assert "fine-tune eight small tasks" in text
-    for option in ("--output", "--seeds", "--tasks", "--steps", "--sam_rho", "--sam_adaptive", "--cache_dir"):
+    for option in ("--output", "--seeds", "--seed_start", "--variants", "--tasks", "--steps", "--sam_rho", "--asam_rho", "--cache_dir"):
         assert option in text

@@ -27,11 +27,12 @@ from transformers import (
 )
 
 from ..io_utils import atomic_output_dir
+from .attributes import ATTRIBUTES, IGNORE, build_attribute_pretext
 from .pretext import build_pretext
 
 logger = logging.getLogger(__name__)
 
-BASE_FORMAT_VERSION = 1  # bump when pretraining changes, so old caches are not reused
+BASE_FORMAT_VERSION = 2  # bump when pretraining changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,11 @@ class BaseSpec:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     projection_dim: int = 64
-    pretext_classes: int = 64
-    pretext_per_class: int = 100
+    pretext: str = "attributes"  # "attributes" (coarse captions, CLIP-like) or "recipes" (the small preset)
+    pretext_classes: int = 64  # recipes: classes
+    pretext_per_class: int = 100  # recipes: images per class
+    pretext_scenes: int = 20000  # attributes: training scenes
+    pretext_drop: float = 0.3  # attributes: chance a caption leaves an attribute out
     pretrain_steps: int = 1500
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
@@ -105,12 +109,47 @@ class CosinePretextModel(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def _pixel_items(spec: BaseSpec, sample_seed: int, per_class: int) -> list[dict[str, torch.Tensor]]:
-    """Pretext examples preprocessed once into tensors (reading Arrow rows per step costs more than the model)."""
+class AttributePretextModel(nn.Module):
+    """The base tower plus one cosine classifier per caption attribute; unmentioned attributes are ignored."""
+
+    def __init__(self, vision: CLIPVisionModelWithProjection, sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.vision = vision
+        self.names = list(sizes)
+        self.prototypes = nn.ParameterList(
+            [nn.Parameter(torch.randn(n, vision.config.projection_dim) * 0.02) for n in sizes.values()]
+        )
+        self.log_scale = nn.Parameter(torch.tensor(2.659))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        embeds = F.normalize(self.vision(pixel_values=pixel_values).image_embeds, dim=-1)
+        scale = self.log_scale.exp().clamp(max=100)
+        logits = [scale * embeds @ F.normalize(p, dim=-1).T for p in self.prototypes]
+        loss = None
+        if labels is not None:
+            losses = [
+                F.cross_entropy(lg, labels[:, i], ignore_index=IGNORE, reduction="sum")
+                for i, lg in enumerate(logits)
+            ]
+            loss = torch.stack(losses).sum() / (labels != IGNORE).sum().clamp(min=1)
+        return {"loss": loss, "logits": torch.cat(logits, dim=-1)}
+
+
+def _pixel_items(spec: BaseSpec, sample_seed: int, fraction: float) -> list[dict[str, torch.Tensor]]:
+    """Pretext examples preprocessed once into tensors (reading Arrow rows per step costs more than the model).
+
+    ``fraction`` of the training set's size: 1 for training, less for the held-out check.
+    """
     processor = image_processor(spec.image_size)
-    data = build_pretext(spec.pretext_classes, per_class, spec.seed, spec.image_size, sample_seed)
+    if spec.pretext == "attributes":
+        n = max(2, int(spec.pretext_scenes * fraction))
+        data = build_attribute_pretext(n, spec.seed, spec.image_size, sample_seed, spec.pretext_drop)
+        labels = torch.as_tensor(list(data["attributes"]), dtype=torch.long)
+    else:
+        per_class = max(1, int(spec.pretext_per_class * fraction))
+        data = build_pretext(spec.pretext_classes, per_class, spec.seed, spec.image_size, sample_seed)
+        labels = torch.as_tensor(list(data["label"]), dtype=torch.long)
     pixels = processor(images=list(data["image"]), return_tensors="pt")["pixel_values"]
-    labels = torch.as_tensor(list(data["label"]), dtype=torch.long)
     return [{"pixel_values": pixels[i], "labels": labels[i]} for i in range(len(labels))]
 
 
@@ -118,9 +157,14 @@ def pretrain(spec: BaseSpec, output_dir: Path, progress: bool = True) -> dict[st
     """Pre-train the base on the pretext task and `save_pretrained` it (with its processor) to `output_dir`."""
     torch.manual_seed(spec.seed)
     vision = CLIPVisionModelWithProjection(spec.vision_config())
-    model = CosinePretextModel(vision, spec.pretext_classes)
-    train = _pixel_items(spec, 0, spec.pretext_per_class)
-    held_out = _pixel_items(spec, 1, max(2, spec.pretext_per_class // 6))
+    if spec.pretext == "attributes":
+        model: nn.Module = AttributePretextModel(vision, ATTRIBUTES)
+    elif spec.pretext == "recipes":
+        model = CosinePretextModel(vision, spec.pretext_classes)
+    else:
+        raise ValueError(f"unknown pretext {spec.pretext!r}; expected 'attributes' or 'recipes'")
+    train = _pixel_items(spec, 0, 1.0)
+    held_out = _pixel_items(spec, 1, 1 / 6)
     with tempfile.TemporaryDirectory(prefix="saft-demo-pretrain-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -144,12 +188,27 @@ def pretrain(spec: BaseSpec, output_dir: Path, progress: bool = True) -> dict[st
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
         trainer.train()
         predictions = trainer.predict(held_out)
-    accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
+    accuracy = _held_out_accuracy(spec, predictions.predictions, predictions.label_ids)
     vision.save_pretrained(output_dir)
     image_processor(spec.image_size).save_pretrained(output_dir)
     info = {"pretext_held_out_accuracy": accuracy, "spec": asdict(spec), "version": BASE_FORMAT_VERSION}
     (output_dir / "pretext.json").write_text(json.dumps(info, indent=2))
     return {"pretext_held_out_accuracy": accuracy}
+
+
+def _held_out_accuracy(spec: BaseSpec, logits: Any, labels: Any) -> float:
+    """Recipes: top-1 accuracy; attributes: top-1 accuracy over every mentioned (attribute, scene) pair."""
+    if spec.pretext != "attributes":
+        return float((logits.argmax(-1) == labels).mean())
+    correct = total = 0
+    start = 0
+    for column, size in enumerate(ATTRIBUTES.values()):
+        mentioned = labels[:, column] != IGNORE
+        predicted = logits[:, start : start + size].argmax(-1)
+        correct += int((predicted[mentioned] == labels[mentioned, column]).sum())
+        total += int(mentioned.sum())
+        start += size
+    return correct / max(total, 1)
 
 
 def _is_complete(path: Path) -> bool:

@@ -14,6 +14,7 @@ from transformers import CLIPVisionModelWithProjection
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..clip import CLIPImageClassifier, ZeroShotHead, collate_image_batch, evaluate_accuracy
+from ..sam import first_step, second_step
 from ..tasks.loading import with_image_transform
 from ..trainer import SAMTrainer, SAMTrainingArguments
 from .base import load_base
@@ -58,8 +59,10 @@ def accuracies(
     return {task: accuracy(vision, heads[task], items) for task, items in splits.items()}
 
 
-def training_arguments(args: DemoArguments, output_dir: str, sam_rho: float, seed: int) -> SAMTrainingArguments:
-    """The fine-tuning recipe: AdamW + cosine for both variants; `sam_rho=0` is the standard one."""
+def training_arguments(
+    args: DemoArguments, output_dir: str, settings: Mapping[str, Any], seed: int
+) -> SAMTrainingArguments:
+    """The fine-tuning recipe: AdamW + cosine for every variant; ``settings`` are the variant's ``sam_*``."""
     return SAMTrainingArguments(
         output_dir=output_dir,
         max_steps=args.steps,
@@ -76,14 +79,12 @@ def training_arguments(args: DemoArguments, output_dir: str, sam_rho: float, see
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        sam_rho=sam_rho,
-        sam_adaptive=args.sam_adaptive,
-        sam_eta=args.sam_eta,
+        **settings,
     )
 
 
 def finetune(
-    base_path: Path, head: ZeroShotHead, train: Items, args: DemoArguments, sam_rho: float, seed: int
+    base_path: Path, head: ZeroShotHead, train: Items, args: DemoArguments, settings: Mapping[str, Any], seed: int
 ) -> tuple[CLIPVisionModelWithProjection, float]:
     """Fine-tune the whole base tower on one task under its frozen head; returns (tower, final train loss)."""
     vision = load_base(base_path)
@@ -91,7 +92,7 @@ def finetune(
     with tempfile.TemporaryDirectory(prefix="saft-demo-ft-") as scratch:
         trainer = SAMTrainer(
             model=model,
-            args=training_arguments(args, scratch, sam_rho, seed),
+            args=training_arguments(args, scratch, settings, seed),
             train_dataset=train,
             data_collator=collate_image_batch,
         )
@@ -100,3 +101,25 @@ def finetune(
         result = trainer.train()
     vision.eval()
     return vision, float(result.training_loss)
+
+
+def sharpness(
+    vision: CLIPVisionModelWithProjection, head: ZeroShotHead, items: Items, rho: float = 0.05
+) -> float:
+    """SAM sharpness at the end of fine-tuning: L(w + ε) − L(w), ε = ρ g/‖g‖ on one batch (Foret et al. 2021).
+
+    The same probe (plain SAM, the same ρ and batch) for every variant, so their minima are compared alike.
+    """
+    model = CLIPImageClassifier(vision, head)
+    batch = collate_image_batch(items)
+    params = [p for p in vision.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    backup, _ = first_step(params, [p.grad for p in params], rho)
+    with torch.no_grad():
+        perturbed = model(**batch).loss
+    if backup is not None:
+        second_step(params, backup)
+    model.zero_grad(set_to_none=True)
+    return float(perturbed - loss.detach())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +28,28 @@ from ..task_vectors import TaskVector
 from .base import ensure_base, load_base
 from .config import DemoArguments
 from .data import TASKS
-from .finetune import Items, accuracies, accuracy, finetune, load_splits, prototype_head
+from .finetune import Items, accuracies, accuracy, finetune, load_splits, prototype_head, sharpness
 from .merging import METHODS, merge_and_evaluate
 from .report import format_tables, summarize_seeds
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("standard", "saft")
 RESULTS_NAME = "results.json"
 TABLE_NAME = "results.md"
 
 
 def _save_vector(
-    base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, rho: float, adaptive: bool, path: Path,
+    base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, settings: Mapping[str, Any], path: Path,
     base_name: str,
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
-    adaptive = adaptive and rho > 0
+    rho = float(settings.get("sam_rho", 0.0))
+    adaptive = bool(settings.get("sam_adaptive", False)) and rho > 0
     config = provenance_config(
         task=task,
         base_model=f"saft-demo/{base_name}",
         method=method_name(rho, adaptive),
-        hyperparameters={"sam_rho": rho, "sam_adaptive": adaptive, "seed": seed},
+        hyperparameters={**settings, "seed": seed},
         variant=variant,
     )
     vector = TaskVector.from_models(
@@ -59,12 +59,31 @@ def _save_vector(
     return TaskVector.from_pretrained(path)
 
 
-def _sam_label(args: DemoArguments) -> str:
-    return f"{method_name(args.sam_rho, args.sam_adaptive)} ρ={args.sam_rho:g}"
+def variant_label(args: DemoArguments, variant: str) -> str:
+    """How tables name a variant: 'standard', 'ASAM ρ=0.5', 'SAM ρ=0.05'."""
+    settings = args.variant_settings(variant)
+    rho = settings["sam_rho"]
+    return "standard" if rho == 0 else f"{method_name(rho, settings.get('sam_adaptive', False))} ρ={rho:g}"
 
 
-def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path) -> dict[str, Any]:
-    """One full repetition: data, heads, 2 × len(tasks) fine-tunings, merges and analysis for `seed`."""
+def vector_statistics(vectors: Sequence[Mapping[str, Tensor]], base_state: Mapping[str, Tensor]) -> dict[str, float]:
+    """Mean ‖τ‖, mean ‖τ‖/‖θ0‖ and mean pairwise cosine of the task vectors (floating parameters)."""
+    names = [n for n in vectors[0].keys() if n in base_state]
+    flat = torch.stack([torch.cat([v[n].float().reshape(-1) for n in names]) for v in vectors])
+    base_norm = torch.cat([base_state[n].float().reshape(-1) for n in names]).norm()
+    norms = flat.norm(dim=1)
+    unit = flat / norms.clamp(min=1e-12).unsqueeze(1)
+    cos = unit @ unit.T
+    off = cos[~torch.eye(len(vectors), dtype=torch.bool)]
+    return {
+        "mean_norm": float(norms.mean()),
+        "relative_norm": float(norms.mean() / base_norm),
+        "mean_cosine": float(off.mean()) if off.numel() else 0.0,
+    }
+
+
+def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, analyse: bool) -> dict[str, Any]:
+    """One full repetition: data, heads, variants × tasks fine-tunings, merges and (optionally) analysis."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     processor = AutoImageProcessor.from_pretrained(base_path)
@@ -75,40 +94,53 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path) -> d
     test = {task: splits[task]["test"] for task in args.tasks}
     validation = {task: splits[task]["validation"] for task in args.tasks}
     zero_shot = accuracies(base, heads, test)
+    zero_shot_validation = accuracies(base, heads, validation)
     timings["data_and_heads"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    individual: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
-    train_loss: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
-    vectors: dict[str, dict[str, TaskVector]] = {v: {} for v in VARIANTS}
-    jobs = [(variant, task) for variant in VARIANTS for task in args.tasks]
+    variants = list(args.variants)
+    individual: dict[str, dict[str, float]] = {v: {} for v in variants}
+    individual_validation: dict[str, dict[str, float]] = {v: {} for v in variants}
+    train_loss: dict[str, dict[str, float]] = {v: {} for v in variants}
+    sharp: dict[str, dict[str, float]] = {v: {} for v in variants}
+    vectors: dict[str, dict[str, TaskVector]] = {v: {} for v in variants}
+    jobs = [(variant, task) for variant in variants for task in args.tasks]
     for variant, task in tqdm(jobs, desc=f"fine-tuning (seed {seed})", disable=not args.progress):
-        rho = 0.0 if variant == "standard" else args.sam_rho
-        tuned, loss = finetune(base_path, heads[task], splits[task]["train"], args, rho, seed)
+        settings = args.variant_settings(variant)
+        tuned, loss = finetune(base_path, heads[task], splits[task]["train"], args, settings, seed)
         individual[variant][task] = accuracy(tuned, heads[task], test[task])
+        individual_validation[variant][task] = accuracy(tuned, heads[task], validation[task])
         train_loss[variant][task] = loss
+        sharp[variant][task] = sharpness(tuned, heads[task], splits[task]["train"][: args.batch_size * 4])
         path = output / "task_vectors" / f"seed-{seed}" / variant / task
         vectors[variant][task] = _save_vector(
-            base, tuned, heads[task], task, variant, seed, rho, args.sam_adaptive, path, base_path.name
+            base, tuned, heads[task], task, variant, seed, settings, path, base_path.name
         )
     timings["fine_tuning"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    stats = {v: vector_statistics([vectors[v][t] for t in args.tasks], base_state) for v in variants}
     merged: dict[str, dict[str, Any]] = {m: {} for m in METHODS}
-    merge_jobs = [(method, variant) for method in METHODS for variant in VARIANTS]
+    merge_jobs = [(method, variant) for method in METHODS for variant in variants]
     for method, variant in tqdm(merge_jobs, desc=f"merging (seed {seed})", disable=not args.progress):
         task_vectors = [vectors[variant][task] for task in args.tasks]
-        merged[method][variant] = merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
+        entry = merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
+        entry["mean_cosine"] = stats[variant]["mean_cosine"]
+        merged[method][variant] = entry
     timings["merging"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    analysis = _analyse(args, base, base_state, heads, test, vectors, output) if seed == 0 else {}
+    analysis = _analyse(args, base, base_state, heads, test, vectors, output) if analyse else {}
     timings["analysis"] = time.perf_counter() - start
     return {
         "seed": seed,
         "zero_shot": zero_shot,
+        "zero_shot_validation": zero_shot_validation,
         "individual": individual,
+        "individual_validation": individual_validation,
         "train_loss": train_loss,
+        "sharpness": sharp,
+        "task_vectors": stats,
         "merged": merged,
         "analysis": analysis,
         "timings_s": timings,
@@ -129,7 +161,7 @@ def _analyse(
     logits_fn = heads_logits_fn(heads)
     for first, second in tqdm(args.pairs(), desc="analysis", disable=not args.progress):
         data = {t: prepare_eval_data(test[t], max_samples=args.analysis_samples, batch_size=256) for t in (first, second)}
-        pairs = {variant: [vectors[variant][first], vectors[variant][second]] for variant in VARIANTS}
+        pairs = {variant: [vectors[variant][first], vectors[variant][second]] for variant in args.variants}
         report = analyze_pairs(
             base, base_state, pairs, data, logits_fn, tasks=(first, second), alphas=args.analysis_alphas, progress=False
         )
@@ -147,10 +179,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         base_path, pretrained_now = ensure_base(args.base_spec(), args.cache_dir, progress=args.progress)
         base_seconds = time.perf_counter() - started
         base_info = json.loads((base_path / "pretext.json").read_text())
-        seeds = [run_seed(args, seed, base_path, staging) for seed in range(args.seeds)]
+        seed_list = args.seed_list()
+        seeds = [run_seed(args, seed, base_path, staging, analyse=seed == seed_list[0]) for seed in seed_list]
         results = {
             "config": args.to_dict(),
-            "saft": _sam_label(args),
+            "variants": {variant: variant_label(args, variant) for variant in args.variants},
             "base": {
                 "path": str(base_path),
                 "pretrained_this_run": pretrained_now,
@@ -158,7 +191,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
                 "spec": base_info["spec"],
             },
             "seeds": seeds,
-            "summary": summarize_seeds(seeds, args.tasks),
+            "summary": summarize_seeds(seeds, args.tasks, args.variants),
             "timings_s": {"base": base_seconds, "total": time.perf_counter() - started},
         }
         tables = format_tables(results)

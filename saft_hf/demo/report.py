@@ -1,7 +1,8 @@
-"""Aggregate the demo's seeds (mean ± std) and format the standard-vs-SAFT tables."""
+"""Aggregate the demo's seeds (mean ± std, paired differences with 95% intervals) and format the tables."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,51 +19,90 @@ LABELS = {
 }
 
 
+def t_quantile_975(df: int) -> float:
+    """Student's t 97.5% quantile (two-sided 95% interval), via scipy when present, else a small table."""
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn, the demo's extra
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+        return table.get(df, 1.96)
+
+
 def _stats(values: Sequence[float]) -> dict[str, float]:
+    """mean, std and n of ``values``, plus the 95% t-interval of the mean (ci_low, ci_high) when n > 1."""
+    mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    out = {"mean": mean, "std": std, "n": len(values)}
+    if len(values) > 1:
+        half = t_quantile_975(len(values) - 1) * std / math.sqrt(len(values))
+        out.update(ci_low=mean - half, ci_high=mean + half)
+    return out
 
 
 def _row_accuracies(seed: Mapping[str, Any], row: str, variant: str) -> dict[str, float]:
     if row == "zero_shot":
-        return seed["zero_shot"]  # one base for both variants
+        return seed["zero_shot"]  # one base for every variant
     if row == "individual":
         return seed["individual"][variant]
     return seed["merged"][row][variant]["test"]
 
 
-def summarize_seeds(seeds: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
-    """Per row and variant: each task's and the task-mean accuracy as mean/std over seeds, and SAFT − standard.
+def _gap_recovered(merged: float, zero_shot: float, individual: float) -> float:
+    """Share of the zero-shot → individual gap a merge recovers (1 = as good as the individual models)."""
+    return (merged - zero_shot) / (individual - zero_shot) if individual != zero_shot else float("nan")
 
-    Merges also get the normalised accuracy (merged / individual of the same variant, Ilharco et al. 2023).
+
+def summarize_seeds(
+    seeds: Sequence[Mapping[str, Any]], tasks: Sequence[str], variants: Sequence[str] = ("standard", "saft")
+) -> dict[str, Any]:
+    """Per row and variant: each task's and the task-mean accuracy as mean/std/n over seeds.
+
+    Merges also get the normalised accuracy (merged / individual of the same variant, Ilharco et al. 2023)
+    and the share of the zero-shot → individual gap recovered. ``difference`` holds, for every variant
+    after the first (the reference), the paired per-seed difference variant − reference with its 95%
+    t-interval.
     """
+    reference = variants[0]
     summary: dict[str, Any] = {}
     for row in ROWS:
         entry: dict[str, Any] = {}
-        per_seed: dict[str, list[dict[str, float]]] = {"standard": [], "saft": []}
+        per_seed: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         for seed in seeds:
-            for variant in per_seed:
+            zero_mean = statistics.fmean(seed["zero_shot"][t] for t in tasks)
+            for variant in variants:
                 accs = _row_accuracies(seed, row, variant)
                 values = {task: accs[task] for task in tasks}
                 values["mean"] = statistics.fmean(values[task] for task in tasks)
                 if row in METHODS:
                     own = seed["individual"][variant]
                     values["normalized_mean"] = statistics.fmean(accs[t] / max(own[t], 1e-12) for t in tasks)
+                    own_mean = statistics.fmean(own[t] for t in tasks)
+                    values["gap_recovered"] = _gap_recovered(values["mean"], zero_mean, own_mean)
+                    values["lambda"] = seed["merged"][row][variant]["scaling"]
                 per_seed[variant].append(values)
-        keys = list(per_seed["standard"][0])
+        keys = list(per_seed[reference][0])
         for variant, rows in per_seed.items():
             entry[variant] = {key: _stats([r[key] for r in rows]) for key in keys}
         entry["difference"] = {
-            key: _stats([s[key] - b[key] for s, b in zip(per_seed["saft"], per_seed["standard"])]) for key in keys
+            variant: {
+                key: _stats([s[key] - b[key] for s, b in zip(per_seed[variant], per_seed[reference])]) for key in keys
+            }
+            for variant in variants[1:]
         }
         summary[row] = entry
     return summary
 
 
-def _cell(stats: Mapping[str, float], signed: bool = False) -> str:
+def _cell(stats: Mapping[str, float], signed: bool = False, interval: bool = False) -> str:
     mean, std = 100 * stats["mean"], 100 * stats["std"]
     text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    return f"{text} ± {std:.1f}" if stats["n"] > 1 else text
+    if stats["n"] <= 1:
+        return text
+    if interval:
+        return f"{text} [{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}]"
+    return f"{text} ± {std:.1f}"
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -71,32 +111,56 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _mechanism_rows(results: Mapping[str, Any], variants: Sequence[str]) -> list[list[str]]:
+    """‖τ‖, ‖τ‖/‖θ0‖, pairwise cosine and end-of-training sharpness per variant (mean over seeds)."""
+    rows = []
+    for variant in variants:
+        seeds = results["seeds"]
+        norm = statistics.fmean(s["task_vectors"][variant]["mean_norm"] for s in seeds)
+        rel = statistics.fmean(s["task_vectors"][variant]["relative_norm"] for s in seeds)
+        cos = statistics.fmean(s["task_vectors"][variant]["mean_cosine"] for s in seeds)
+        sharp = statistics.fmean(statistics.fmean(s["sharpness"][variant].values()) for s in seeds)
+        rows.append([results["variants"][variant], f"{norm:.3f}", f"{rel:.4f}", f"{cos:.4f}", f"{sharp:.4f}"])
+    return rows
+
+
 def format_tables(results: Mapping[str, Any]) -> str:
-    """Markdown: mean over tasks (standard, SAFT, difference), then every task per row and variant."""
+    """Markdown: task means per variant, paired differences, calibration figures, then every task."""
     summary, tasks = results["summary"], results["config"]["tasks"]
+    variants = list(results["variants"])
+    labels = results["variants"]
     n_seeds = len(results["seeds"])
-    saft = results["saft"]
     mean_rows = []
     for row in ROWS:
         entry = summary[row]
-        cells = [LABELS[row], _cell(entry["standard"]["mean"]), _cell(entry["saft"]["mean"])]
-        cells.append(_cell(entry["difference"]["mean"], signed=True))
-        if "normalized_mean" in entry["standard"]:
-            cells += [_cell(entry["standard"]["normalized_mean"]), _cell(entry["saft"]["normalized_mean"])]
-        else:
-            cells += ["", ""]
+        cells = [LABELS[row], *(_cell(entry[v]["mean"]) for v in variants)]
+        cells += [_cell(entry["difference"][v]["mean"], signed=True, interval=True) for v in variants[1:]]
         mean_rows.append(cells)
-    head = ["test accuracy (%), mean of tasks", "standard", f"SAFT ({saft})", "difference", "standard norm.", "SAFT norm."]
+    head = ["test accuracy (%), mean of tasks", *(labels[v] for v in variants)]
+    head += [f"{labels[v]} − {labels[variants[0]]} [95% CI]" for v in variants[1:]]
+    merge_rows = []
+    for method in METHODS:
+        for v in variants:
+            stats = summary[method][v]
+            merge_rows.append(
+                [LABELS[method], labels[v], _cell(stats["normalized_mean"]), _cell(stats["gap_recovered"]),
+                 f"{stats['lambda']['mean']:.2f}"]
+            )  # fmt: skip
     task_rows = []
     for row in ROWS:
-        for variant, label in (("standard", "standard"), ("saft", "SAFT"), ("difference", "difference")):
-            stats = summary[row][variant]
-            signed = variant == "difference"
-            task_rows.append([LABELS[row], label, *(_cell(stats[t], signed) for t in tasks), _cell(stats["mean"], signed)])
+        for v in variants:
+            stats = summary[row][v]
+            task_rows.append([LABELS[row], labels[v], *(_cell(stats[t]) for t in tasks), _cell(stats["mean"])])
     parts = [
-        f"Seeds: {n_seeds} (mean ± std over seeds where > 1). Normalised = merged / individual accuracy.",
+        f"Seeds: {n_seeds} ({', '.join(str(s['seed']) for s in results['seeds'])}; mean ± std over seeds where > 1; "
+        "differences are paired per seed, with a 95% t-interval). Normalised = merged / individual accuracy.",
         "",
         _markdown(head, mean_rows),
+        "",
+        _markdown(["method", "variant", "normalised (%)", "gap recovered (%)", "mean λ"], merge_rows),
+        "",
+        _markdown(["variant", "mean ‖τ‖", "‖τ‖/‖θ0‖", "mean cos(τ_i, τ_j)", "sharpness L(w+ε)−L(w)"],
+                  _mechanism_rows(results, variants)),  # fmt: skip
         "",
         _markdown(["row", "variant", *tasks, "mean"], task_rows),
     ]
