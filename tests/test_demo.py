@@ -237,3 +237,19 @@ def test_help_describes_the_job_and_its_main_options(capsys):
     assert "fine-tune eight small tasks" in text
     for option in ("--output", "--seeds", "--seed_start", "--variants", "--tasks", "--steps", "--sam_rho", "--asam_rho", "--cache_dir"):
         assert option in text
+
+
+def test_preset_small_restores_the_first_regime_and_explicit_flags_override_it():
+    from saft_hf.cli.demo import parse_args
+
+    small = parse_args(["--preset", "small", "--steps", "7"])
+    assert (small.base_pretext, small.task_domains, small.learning_rate, small.steps) == ("recipes", "shared", 1e-3, 7)
+    default = parse_args([])
+    assert (default.preset, default.base_pretext, default.task_domains) == ("calibrated", "attributes", "distinct")
+
+
+def test_distinct_domains_change_the_background_but_not_the_labels():
+    distinct = build_split("counts", "train", 6, seed=1, distinct_domains=True)
+    shared = build_split("counts", "train", 6, seed=1, distinct_domains=False)
+    assert list(distinct["label"]) == list(shared["label"])
+    assert not np.array_equal(_pixels(distinct), _pixels(shared))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
 from transformers import HfArgumentParser
 
-from ..demo.config import DemoArguments
+from ..demo.config import PRESETS, DemoArguments
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
@@ -19,8 +20,18 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
         "arithmetic, TIES and PCB, and write the accuracy table, results.json and the analysis figures to --output.",
         epilog="Example: saft-demo --seeds 3 --output saft-demo-3seeds",
     )
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    preset, _ = _preset_parser().parse_known_args(argv)
+    parser.set_defaults(**PRESETS[preset.preset])  # explicit flags still win over the preset's defaults
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     return args
+
+
+def _preset_parser() -> argparse.ArgumentParser:
+    """Reads only --preset, so its bundle of defaults can be applied before the full parse."""
+    pre = argparse.ArgumentParser(prog="saft-demo", add_help=False)
+    pre.add_argument("--preset", default="calibrated", choices=list(PRESETS))
+    return pre
 
 
 def main(argv: Sequence[str] | None = None) -> int:

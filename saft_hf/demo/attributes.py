@@ -23,7 +23,7 @@ from . import primitives as P
 
 KINDS = (*P.SHAPES, "bar", "patch")
 PATCH_KINDS = ("stripes", "checks", "dots")
-BACKGROUNDS = ("plain", "gradient", "noise", "grid")
+BACKGROUNDS = P.BACKGROUND_STYLES
 # attribute -> number of coarse values (the caption's vocabulary for it)
 ATTRIBUTES: dict[str, int] = {
     "kind": len(KINDS),
@@ -38,24 +38,9 @@ IGNORE = -100  # an attribute the caption does not mention (cross-entropy's igno
 
 
 def _background(rng: np.random.Generator, style: int, size: int) -> Image.Image:
-    base = np.array(P.hsv_colour(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.95)), dtype=np.float32)
-    other = np.array(P.hsv_colour(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.95)), dtype=np.float32)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
-    if BACKGROUNDS[style] == "plain":
-        mix = np.zeros((size, size), np.float32)
-    elif BACKGROUNDS[style] == "gradient":
-        theta = rng.uniform(0, 2 * math.pi)
-        u = x * math.cos(theta) + y * math.sin(theta)
-        mix = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
-    elif BACKGROUNDS[style] == "noise":
-        cells = int(rng.integers(3, 8))
-        coarse = rng.random((cells, cells)).astype(np.float32)
-        mix = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)) / 255.0
-    else:  # grid lines
-        period = rng.uniform(0.15, 0.3)
-        mix = ((np.abs(((x / period) % 1) - 0.5) > 0.42) | (np.abs(((y / period) % 1) - 0.5) > 0.42)).astype(np.float32)
-    pixels = base * (1 - mix[..., None]) + other * mix[..., None]
-    return Image.fromarray(pixels.astype(np.uint8))
+    base = P.hsv_colour(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.95))
+    other = P.hsv_colour(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.95))
+    return P.styled_background(rng, BACKGROUNDS[style], size, base, other)
 
 
 def _hue_bin(hue: float) -> int:

@@ -32,7 +32,7 @@ from .pretext import build_pretext
 
 logger = logging.getLogger(__name__)
 
-BASE_FORMAT_VERSION = 2  # bump when pretraining changes, so old caches are not reused
+BASE_FORMAT_VERSION = 3  # bump when pretraining changes, so old caches are not reused
 
 
 @dataclass(frozen=True)

@@ -15,23 +15,38 @@ from functools import lru_cache
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import primitives as P
 
 SPLITS = ("train", "validation", "test")
 
-# (rng, label, image size, split) -> image
-Renderer = Callable[[np.random.Generator, int, int, str], Image.Image]
+# (rng, label, image size, split, background style) -> image
+Renderer = Callable[[np.random.Generator, int, int, str, str], Image.Image]
 
 
 @dataclass(frozen=True)
 class DemoTask:
-    """One procedurally generated task: its class names and how to draw an example of a class."""
+    """One procedurally generated task: its class names, how to draw a class, and its input domain.
+
+    ``domain`` is the background style (primitives.BACKGROUND_STYLES) of the task's images when tasks
+    have distinct domains, as the real merging tasks do; with shared domains every task uses "plain".
+    """
 
     name: str
     classes: tuple[str, ...]
     render: Renderer
+    domain: str = "plain"
+
+
+def _canvas(
+    rng: np.random.Generator, size: int, bg: P.Colour, style: str
+) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A supersampled canvas of colour ``bg`` in the task's background style (the style varies ``bg`` a little)."""
+    side = P.SUPERSAMPLE * size
+    period = 1 / 3 if style == "grid" else None  # the positions task's grid is its 3×3 cells
+    image = P.styled_background(rng, style, side, bg, P.shade(bg, rng), period)
+    return image, ImageDraw.Draw(image)
 
 
 def _background(rng: np.random.Generator) -> P.Colour:
@@ -50,7 +65,9 @@ def _digit_pools() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {split: (digits.images[idx] / 16.0, digits.target[idx]) for split, idx in parts.items()}
 
 
-def _render_digit(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_digit(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     images, targets = _digit_pools()[split]
     glyph = images[rng.choice(np.flatnonzero(targets == label))]
     side = int(rng.integers(int(size * 0.75), size + 1))
@@ -67,9 +84,11 @@ def _centre(rng: np.random.Generator, size: int, radius: float) -> tuple[float, 
     return float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin))
 
 
-def _render_shape(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_shape(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     fg, bg = P.contrasting_pair(rng, light_on_dark=True)
-    image, draw = P.canvas(size, bg)
+    image, draw = _canvas(rng, size, bg, style)
     radius = rng.uniform(0.25, 0.33) * size
     cx, cy = (size / 2 + rng.uniform(-0.1, 0.1) * size for _ in range(2))
     s = P.SUPERSAMPLE
@@ -80,7 +99,9 @@ def _render_shape(rng: np.random.Generator, label: int, size: int, split: str) -
 TEXTURES = ("stripes", "checks", "dots", "noise", "gradient", "rings")
 
 
-def _render_texture(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_texture(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     kind = TEXTURES[label]
     period = rng.uniform(4.0, 9.0)
     phase = rng.uniform(0, 2 * math.pi)
@@ -103,14 +124,25 @@ def _render_texture(rng: np.random.Generator, label: int, size: int, split: str)
     return P.finish(P.blend(mask.astype(np.float32), fg, bg), size, rng)
 
 
-HUES = {"red": 0.0, "orange": 0.08, "yellow": 0.16, "green": 0.33, "cyan": 0.5, "blue": 0.64, "purple": 0.77, "pink": 0.9}
+HUES = {
+    "red": 0.0,
+    "orange": 0.08,
+    "yellow": 0.16,
+    "green": 0.33,
+    "cyan": 0.5,
+    "blue": 0.64,
+    "purple": 0.77,
+    "pink": 0.9,
+}
 
 
-def _render_colour(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_colour(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     hue = list(HUES.values())[label] + rng.uniform(-0.025, 0.025)
     colour = P.hsv_colour(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
     grey = int(rng.uniform(20, 235))
-    image, draw = P.canvas(size, (grey, grey, grey))
+    image, draw = _canvas(rng, size, (grey, grey, grey), style)
     radius = rng.uniform(0.15, 0.3) * size
     cx, cy = _centre(rng, size, radius * 1.2)
     s = P.SUPERSAMPLE
@@ -119,9 +151,11 @@ def _render_colour(rng: np.random.Generator, label: int, size: int, split: str) 
     return P.finish(image, size, rng)
 
 
-def _render_count(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_count(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     fg, bg = P.contrasting_pair(rng)
-    image, draw = P.canvas(size, bg)
+    image, draw = _canvas(rng, size, bg, style)
     radius = rng.uniform(0.06, 0.09) * size
     placed: list[tuple[float, float]] = []
     while len(placed) < label + 1:  # rejection sampling: dots never touch, so the count is visible
@@ -134,9 +168,11 @@ def _render_count(rng: np.random.Generator, label: int, size: int, split: str) -
     return P.finish(image, size, rng)
 
 
-def _render_orientation(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_orientation(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     fg, bg = P.contrasting_pair(rng)
-    image, draw = P.canvas(size, bg)
+    image, draw = _canvas(rng, size, bg, style)
     angle = math.radians(label * 22.5 + rng.uniform(-5, 5))
     length = rng.uniform(0.5, 0.8) * size
     cx, cy = (size / 2 + rng.uniform(-0.12, 0.12) * size for _ in range(2))
@@ -145,9 +181,11 @@ def _render_orientation(rng: np.random.Generator, label: int, size: int, split: 
     return P.finish(image, size, rng)
 
 
-def _render_position(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_position(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     fg, bg = P.contrasting_pair(rng)
-    image, draw = P.canvas(size, bg)
+    image, draw = _canvas(rng, size, bg, style)
     row, col = divmod(label, 3)
     cell = size / 3
     cx = (col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
@@ -162,9 +200,11 @@ def _render_position(rng: np.random.Generator, label: int, size: int, split: str
 SIZE_BINS = ((0.08, 0.11), (0.16, 0.2), (0.26, 0.3), (0.36, 0.42))
 
 
-def _render_size(rng: np.random.Generator, label: int, size: int, split: str) -> Image.Image:
+def _render_size(
+    rng: np.random.Generator, label: int, size: int, split: str, style: str = "plain"
+) -> Image.Image:
     fg, bg = P.contrasting_pair(rng)
-    image, draw = P.canvas(size, bg)
+    image, draw = _canvas(rng, size, bg, style)
     radius = rng.uniform(*SIZE_BINS[label]) * size
     cx, cy = _centre(rng, size, radius)
     s = P.SUPERSAMPLE
@@ -176,12 +216,19 @@ TASKS: dict[str, DemoTask] = {
     task.name: task
     for task in (
         DemoTask("digits", tuple(str(d) for d in range(10)), _render_digit),
-        DemoTask("shapes", P.SHAPES, _render_shape),
+        DemoTask("shapes", P.SHAPES, _render_shape, "frame"),
         DemoTask("textures", TEXTURES, _render_texture),
         DemoTask("colours", tuple(HUES), _render_colour),
-        DemoTask("counts", ("one", "two", "three", "four", "five"), _render_count),
-        DemoTask("orientations", tuple(f"{k * 22.5:g} degrees" for k in range(8)), _render_orientation),
-        DemoTask("positions", tuple(f"{r}-{c}" for r in ("top", "middle", "bottom") for c in ("left", "centre", "right")), _render_position),
+        DemoTask("counts", ("one", "two", "three", "four", "five"), _render_count, "noise"),
+        DemoTask(
+            "orientations", tuple(f"{k * 22.5:g} degrees" for k in range(8)), _render_orientation, "gradient"
+        ),
+        DemoTask(
+            "positions",
+            tuple(f"{r}-{c}" for r in ("top", "middle", "bottom") for c in ("left", "centre", "right")),
+            _render_position,
+            "grid",
+        ),
         DemoTask("sizes", ("tiny", "small", "large", "huge"), _render_size),
     )
 }
@@ -193,8 +240,13 @@ def _split_seed(task: str, seed: int, split: str) -> list[int]:
     return [seed, zlib.crc32(task.encode()), SPLITS.index(split)]
 
 
-def build_split(task: str, split: str, n: int, seed: int = 0, image_size: int = 32) -> Dataset:
-    """`n` class-balanced examples of `task`'s `split`, the same for the same seed."""
+def build_split(
+    task: str, split: str, n: int, seed: int = 0, image_size: int = 32, distinct_domains: bool = True
+) -> Dataset:
+    """`n` class-balanced examples of `task`'s `split`, the same for the same seed.
+
+    ``distinct_domains`` draws the task's images on its own background style (see DemoTask.domain).
+    """
     if task not in TASKS:
         raise ValueError(f"unknown demo task {task!r}; choose from {', '.join(TASK_NAMES)}")
     if split not in SPLITS:
@@ -204,14 +256,23 @@ def build_split(task: str, split: str, n: int, seed: int = 0, image_size: int = 
     spec = TASKS[task]
     rng = np.random.default_rng(_split_seed(task, seed, split))
     labels = rng.permutation(np.arange(n) % len(spec.classes))
-    images = [spec.render(rng, int(label), image_size, split) for label in labels]
+    style = spec.domain if distinct_domains else "plain"
+    images = [spec.render(rng, int(label), image_size, split, style) for label in labels]
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(spec.classes))})
     return Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
 
 
 def build_task(
-    task: str, seed: int = 0, n_train: int = 400, n_validation: int = 100, n_test: int = 300, image_size: int = 32
+    task: str,
+    seed: int = 0,
+    n_train: int = 400,
+    n_validation: int = 100,
+    n_test: int = 300,
+    image_size: int = 32,
+    distinct_domains: bool = True,
 ) -> DatasetDict:
     """A task's train/validation/test splits (PIL `image`, ClassLabel `label`), deterministic per seed."""
     sizes = {"train": n_train, "validation": n_validation, "test": n_test}
-    return DatasetDict({split: build_split(task, split, n, seed, image_size) for split, n in sizes.items()})
+    return DatasetDict(
+        {split: build_split(task, split, n, seed, image_size, distinct_domains) for split, n in sizes.items()}
+    )

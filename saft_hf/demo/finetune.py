@@ -29,7 +29,15 @@ def load_splits(task: str, seed: int, args: DemoArguments, processor: Any) -> di
 
     There is no augmentation, so preprocessing once gives the same items as reading lazily each epoch.
     """
-    data = build_task(task, seed, args.n_train, args.n_validation, args.n_test, args.base_spec().image_size)
+    data = build_task(
+        task,
+        seed,
+        args.n_train,
+        args.n_validation,
+        args.n_test,
+        args.base_spec().image_size,
+        distinct_domains=args.task_domains == "distinct",
+    )
     data = with_image_transform(data, processor)
     return {split: [data[split][i] for i in range(len(data[split]))] for split in SPLITS}
 

@@ -125,6 +125,7 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, anal
     for method, variant in tqdm(merge_jobs, desc=f"merging (seed {seed})", disable=not args.progress):
         task_vectors = [vectors[variant][task] for task in args.tasks]
         entry = merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
+        entry["lambda"] = entry["scaling"]
         entry["mean_cosine"] = stats[variant]["mean_cosine"]
         merged[method][variant] = entry
     timings["merging"] = time.perf_counter() - start

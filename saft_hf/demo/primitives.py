@@ -35,6 +35,47 @@ def contrasting_pair(rng: np.random.Generator, light_on_dark: bool = False) -> t
     return (light, dark) if light_on_dark or rng.random() < 0.5 else (dark, light)
 
 
+BACKGROUND_STYLES = ("plain", "gradient", "noise", "grid", "frame")
+
+
+def styled_background(
+    rng: np.random.Generator, style: str, side: int, base: Colour, other: Colour, period: float | None = None
+) -> Image.Image:
+    """A ``side``-pixel background mixing two colours in one of BACKGROUND_STYLES.
+
+    The styles give the demo's tasks (and the base's pretext scenes) distinct input domains, as the real
+    merging tasks have (satellite images, road signs, house numbers ... are told apart at a glance).
+    ``period`` fixes the grid's cell size as a fraction of the side (random when None).
+    """
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / max(side - 1, 1)
+    if style == "plain":
+        mix = np.zeros((side, side), np.float32)
+    elif style == "gradient":
+        theta = rng.uniform(0, 2 * math.pi)
+        u = x * math.cos(theta) + y * math.sin(theta)
+        mix = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
+    elif style == "noise":
+        cells = int(rng.integers(3, 8))
+        coarse = (rng.random((cells, cells)) * 255).astype(np.uint8)
+        mix = np.asarray(Image.fromarray(coarse).resize((side, side), Image.BILINEAR), np.float32) / 255.0
+    elif style == "grid":
+        cell = period if period is not None else rng.uniform(0.15, 0.3)
+        near = lambda u: np.abs(((u / cell) + 0.5) % 1 - 0.5) * cell < 0.025  # noqa: E731
+        mix = (near(x) | near(y)).astype(np.float32)
+    elif style == "frame":
+        width = rng.uniform(0.08, 0.14)
+        mix = ((np.minimum(x, 1 - x) < width) | (np.minimum(y, 1 - y) < width)).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background style {style!r}; expected one of {BACKGROUND_STYLES}")
+    pixels = np.asarray(base, np.float32) * (1 - mix[..., None]) + np.asarray(other, np.float32) * mix[..., None]
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def shade(colour: Colour, rng: np.random.Generator, amount: float = 80.0) -> Colour:
+    """A nearby colour (each channel moved by up to ±amount), for backgrounds that stay behind the object."""
+    return tuple(int(np.clip(c + rng.uniform(-amount, amount), 0, 255)) for c in colour)  # type: ignore[return-value]
+
+
 def canvas(size: int, background: Colour) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     """A supersampled RGB canvas and its drawing context."""
     image = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), background)
