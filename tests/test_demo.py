@@ -253,3 +253,21 @@ def test_distinct_domains_change_the_background_but_not_the_labels():
     shared = build_split("counts", "train", 6, seed=1, distinct_domains=False)
     assert list(distinct["label"]) == list(shared["label"])
     assert not np.array_equal(_pixels(distinct), _pixels(shared))
+
+
+def test_combine_merges_disjoint_seeds_and_refuses_different_settings(toy_run, tmp_path, capsys):
+    second = tmp_path / "second"
+    argv = _toy_argv(second, toy_run["cache"])
+    argv[argv.index("--seed-start") + 1] = "5"
+    assert main([*argv, "--analysis-pairs", "0"]) == 0
+    combined = tmp_path / "combined"
+    assert main(["--combine", str(toy_run["output"]), str(second), "--output", str(combined)]) == 0
+    results = json.loads((combined / "results.json").read_text())
+    assert [s["seed"] for s in results["seeds"]] == [2, 5]
+    assert results["summary"]["ties"]["standard"]["mean"]["n"] == 2
+    assert main(["--combine", str(toy_run["output"]), str(toy_run["output"]), "--output", str(tmp_path / "x")]) == 2
+    assert "repeat a seed" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert main([*_toy_argv(other, toy_run["cache"]), "--steps", "2", "--analysis-pairs", "0"]) == 0
+    assert main(["--combine", str(toy_run["output"]), str(other), "--output", str(tmp_path / "y")]) == 2
+    assert "differ in ['steps']" in capsys.readouterr().err

@@ -43,10 +43,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from transformers.utils import logging as hf_logging
 
-    from ..demo.pipeline import run_demo  # heavy imports only once the arguments are valid
+    from ..demo.pipeline import combine_outputs, run_demo  # heavy imports only once the arguments are valid
 
     hf_logging.disable_progress_bar()  # per-load "Loading weights" bars; the demo draws its own
 
+    if args.combine:
+        try:
+            results = combine_outputs(args)
+        except (FileExistsError, FileNotFoundError, ValueError) as error:
+            print(f"saft-demo: error: {error}", file=sys.stderr)
+            return 2
+        print(results["table"])
+        print(f"\nWrote {args.output}/results.json and results.md ({len(results['seeds'])} seeds).")
+        return 0
     try:
         results = run_demo(args)
     except FileExistsError as error:

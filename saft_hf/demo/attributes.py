@@ -24,8 +24,8 @@ from . import primitives as P
 KINDS = (*P.SHAPES, "bar", "patch")
 PATCH_KINDS = ("stripes", "checks", "dots")
 BACKGROUNDS = P.BACKGROUND_STYLES
-# attribute -> number of coarse values (the caption's vocabulary for it)
-ATTRIBUTES: dict[str, int] = {
+# attribute -> number of values in a caption's vocabulary, for coarse and for detailed captions
+COARSE: dict[str, int] = {
     "kind": len(KINDS),
     "hue": 4,  # red-yellow, green-cyan, blue, purple-pink
     "place": 4,  # quadrant of the main object
@@ -34,6 +34,17 @@ ATTRIBUTES: dict[str, int] = {
     "count": 3,  # one, two, three or more objects
     "background": len(BACKGROUNDS),
 }
+FINE: dict[str, int] = {
+    "kind": len(KINDS),
+    "hue": 8,  # eighths of the hue circle
+    "place": 9,  # 3×3 grid cell of the main object
+    "size": 4,  # radius quartiles of the main object's range
+    "orientation": 8,  # 22.5° bins
+    "count": 4,  # one, two, three, four or more
+    "background": len(BACKGROUNDS),
+}
+DETAILS = {"coarse": COARSE, "fine": FINE}
+ATTRIBUTES = COARSE  # the attribute names, in column order (the same for both details)
 IGNORE = -100  # an attribute the caption does not mention (cross-entropy's ignore_index)
 
 
@@ -47,13 +58,13 @@ def _hue_bin(hue: float) -> int:
     return int(((hue + 0.08) % 1.0) // 0.25)
 
 
-def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[str, int]]:
-    """One random scene and its full coarse description (before any attribute is dropped)."""
+def render_scene(rng: np.random.Generator, size: int, detail: str = "coarse") -> tuple[Image.Image, dict[str, int]]:
+    """One random scene and its full description at ``detail`` (before any attribute is dropped)."""
     style = int(rng.integers(len(BACKGROUNDS)))
     s = P.SUPERSAMPLE * size
     image = _background(rng, style, s)
     draw = ImageDraw.Draw(image)
-    count = int(rng.choice([1, 1, 2, 3, 4]))
+    count = int(rng.choice([1, 1, 2, 3, 4, 5]))
     objects = []
     for index in range(count):
         radius = rng.uniform(0.07, 0.3) if index == 0 else rng.uniform(0.05, 0.12)  # the first is the main object
@@ -80,6 +91,18 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict
         else:
             P.draw_shape(draw, kind, x, y, r, angle, colour)
     main = objects[0]
+    if detail == "fine":
+        radius_bin = min(3, int((main["radius"] - 0.07) / ((0.3 - 0.07) / 4)))
+        labels = {
+            "kind": main["kind"],
+            "hue": int(((main["hue"] + 1 / 16) % 1.0) * 8),
+            "place": min(2, int(main["x"] * 3)) + 3 * min(2, int(main["y"] * 3)),
+            "size": radius_bin,
+            "orientation": int(((main["angle"] + math.pi / 16) % math.pi) // (math.pi / 8)),
+            "count": min(count, 4) - 1,
+            "background": style,
+        }
+        return P.finish(image, size, rng), labels
     labels = {
         "kind": main["kind"],
         "hue": _hue_bin(main["hue"]),
@@ -92,14 +115,20 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict
     return P.finish(image, size, rng), labels
 
 
-def build_attribute_pretext(n: int, seed: int, image_size: int = 32, sample_seed: int = 0, drop: float = 0.3) -> Dataset:
-    """``n`` scenes with an ``attributes`` column (one coarse value per ATTRIBUTES entry, IGNORE if dropped)."""
-    if n < 1 or not 0.0 <= drop < 1.0:
-        raise ValueError(f"need n >= 1 scenes and 0 <= drop < 1, got {n=} {drop=}")
+def build_attribute_pretext(
+    n: int, seed: int, image_size: int = 32, sample_seed: int = 0, drop: float = 0.3, detail: str = "coarse"
+) -> Dataset:
+    """``n`` scenes with an ``attributes`` column (one value per ATTRIBUTES entry, IGNORE if dropped).
+
+    ``detail`` picks the caption vocabulary: "coarse" (COARSE) or "fine" (FINE: finer bins, still not the
+    evaluation tasks' classes, and never digits).
+    """
+    if n < 1 or not 0.0 <= drop < 1.0 or detail not in DETAILS:
+        raise ValueError(f"need n >= 1 scenes, 0 <= drop < 1 and detail in {list(DETAILS)}, got {n=} {drop=} {detail=}")
     rng = np.random.default_rng([seed, sample_seed, 15485863])
     images, rows = [], []
     for _ in range(n):
-        image, labels = render_scene(rng, image_size)
+        image, labels = render_scene(rng, image_size, detail)
         keep = rng.random(len(ATTRIBUTES)) >= drop
         images.append(image)
         rows.append([labels[name] if kept else IGNORE for name, kept in zip(ATTRIBUTES, keep)])

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from ..io_utils import atomic_output_dir
-from .attributes import ATTRIBUTES, IGNORE, build_attribute_pretext
+from .attributes import DETAILS, IGNORE, build_attribute_pretext
 from .pretext import build_pretext
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class BaseSpec:
     pretext_per_class: int = 100  # recipes: images per class
     pretext_scenes: int = 20000  # attributes: training scenes
     pretext_drop: float = 0.3  # attributes: chance a caption leaves an attribute out
+    pretext_detail: str = "coarse"  # attributes: "coarse" or "fine" caption vocabulary
     pretrain_steps: int = 1500
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
@@ -143,7 +144,7 @@ def _pixel_items(spec: BaseSpec, sample_seed: int, fraction: float) -> list[dict
     processor = image_processor(spec.image_size)
     if spec.pretext == "attributes":
         n = max(2, int(spec.pretext_scenes * fraction))
-        data = build_attribute_pretext(n, spec.seed, spec.image_size, sample_seed, spec.pretext_drop)
+        data = build_attribute_pretext(n, spec.seed, spec.image_size, sample_seed, spec.pretext_drop, spec.pretext_detail)
         labels = torch.as_tensor(list(data["attributes"]), dtype=torch.long)
     else:
         per_class = max(1, int(spec.pretext_per_class * fraction))
@@ -158,7 +159,7 @@ def pretrain(spec: BaseSpec, output_dir: Path, progress: bool = True) -> dict[st
     torch.manual_seed(spec.seed)
     vision = CLIPVisionModelWithProjection(spec.vision_config())
     if spec.pretext == "attributes":
-        model: nn.Module = AttributePretextModel(vision, ATTRIBUTES)
+        model: nn.Module = AttributePretextModel(vision, DETAILS[spec.pretext_detail])
     elif spec.pretext == "recipes":
         model = CosinePretextModel(vision, spec.pretext_classes)
     else:
@@ -202,7 +203,7 @@ def _held_out_accuracy(spec: BaseSpec, logits: Any, labels: Any) -> float:
         return float((logits.argmax(-1) == labels).mean())
     correct = total = 0
     start = 0
-    for column, size in enumerate(ATTRIBUTES.values()):
+    for column, size in enumerate(DETAILS[spec.pretext_detail].values()):
         mentioned = labels[:, column] != IGNORE
         predicted = logits[:, start : start + size].argmax(-1)
         correct += int((predicted[mentioned] == labels[mentioned, column]).sum())

@@ -111,6 +111,14 @@ class DemoArguments:
             "choices": ["attributes", "recipes"],
         },
     )
+    base_pretext_detail: str = field(
+        default="coarse",
+        metadata={
+            "help": "'attributes' pretext: caption vocabulary, 'coarse' (4 hues, 4 quadrants, 2 sizes, ...) or "
+            "'fine' (8 hues, 3×3 places, 4 sizes, 8 orientations, up to 4 objects).",
+            "choices": ["coarse", "fine"],
+        },
+    )
     base_pretext_scenes: int = field(default=20000, metadata={"help": "'attributes' pretext: training scenes."})
     base_pretext_classes: int = field(default=64, metadata={"help": "'recipes' pretext: classes."})
     base_pretext_per_class: int = field(default=100, metadata={"help": "'recipes' pretext: images per class."})
@@ -119,6 +127,13 @@ class DemoArguments:
     base_patch_size: int = field(default=8, metadata={"help": "Patch size of the base ViT (images are 32×32)."})
     threads: int = field(
         default=1, metadata={"help": "torch CPU threads; this tiny model gains little from more (0: min(2, CPU count))."}
+    )
+    combine: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Run nothing: combine the results.json of these saft-demo output folders (same settings, "
+            "disjoint seeds, e.g. two runs side by side with --seed-start 0 and 3) into one table in --output."
+        },
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
@@ -157,6 +172,7 @@ class DemoArguments:
             pretrain_steps=self.base_pretrain_steps,
             pretext=self.base_pretext,
             pretext_scenes=self.base_pretext_scenes,
+            pretext_detail=self.base_pretext_detail,
             pretext_classes=self.base_pretext_classes,
             pretext_per_class=self.base_pretext_per_class,
         )

@@ -30,7 +30,7 @@ from .config import DemoArguments
 from .data import TASKS
 from .finetune import Items, accuracies, accuracy, finetune, load_splits, prototype_head, sharpness
 from .merging import METHODS, merge_and_evaluate
-from .report import format_tables, summarize_seeds
+from .report import combine_results, format_tables, summarize_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,23 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             "timings_s": {"base": base_seconds, "total": time.perf_counter() - started},
         }
         tables = format_tables(results)
+        (staging / TABLE_NAME).write_text(tables + "\n", encoding="utf-8")
+        (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    results["table"] = tables
+    return results
+
+
+def combine_outputs(args: DemoArguments) -> dict[str, Any]:
+    """Merge the seeds of several finished demo outputs into one results.json/results.md in ``args.output``."""
+    runs = []
+    for folder in args.combine or []:
+        path = Path(folder) / RESULTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; --combine takes folders written by saft-demo")
+        runs.append(json.loads(path.read_text(encoding="utf-8")))
+    results = combine_results(runs)
+    tables = format_tables(results)
+    with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
         (staging / TABLE_NAME).write_text(tables + "\n", encoding="utf-8")
         (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2), encoding="utf-8")
     results["table"] = tables

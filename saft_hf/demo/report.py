@@ -165,3 +165,31 @@ def format_tables(results: Mapping[str, Any]) -> str:
         _markdown(["row", "variant", *tasks, "mean"], task_rows),
     ]
     return "\n".join(parts)
+
+
+def combine_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One results dict from runs that differ only in their seeds (e.g. seeds 0-2 and 3-4 run side by side).
+
+    Refuses runs whose settings differ, or that repeat a seed, since their seeds would not be comparable.
+    """
+    if not results:
+        raise ValueError("nothing to combine: pass at least one saft-demo output folder")
+    ignored = {"seeds", "seed_start", "output", "overwrite", "progress", "threads", "combine", "cache_dir"}
+    ignored |= {"analysis_pairs", "analysis_samples", "analysis_alphas"}  # analysis runs on the first seed only
+    first = {k: v for k, v in results[0]["config"].items() if k not in ignored}
+    seeds: list[Mapping[str, Any]] = []
+    for run in results:
+        config = {k: v for k, v in run["config"].items() if k not in ignored}
+        if config != first:
+            different = sorted(k for k in set(config) | set(first) if config.get(k) != first.get(k))
+            raise ValueError(f"runs differ in {different}; only runs with the same settings can be combined")
+        seeds.extend(run["seeds"])
+    numbers = [s["seed"] for s in seeds]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"runs repeat a seed ({sorted(numbers)}); combine runs on disjoint seeds")
+    seeds.sort(key=lambda s: s["seed"])
+    combined = dict(results[0])
+    combined["seeds"] = seeds
+    combined["summary"] = summarize_seeds(seeds, first["tasks"], list(results[0]["variants"]))
+    combined["combined_from"] = [run["config"].get("output") for run in results]
+    return combined
