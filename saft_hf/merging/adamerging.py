@@ -14,7 +14,7 @@ T scaled copies of the vectors alive.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -214,6 +214,7 @@ def adamerging_coefficients(
     params = dict(model.named_parameters())
     names = [name for name in params if name in set(names)]  # blocks in model order, as in the paper's heatmap
     stacked = stack_vectors(vectors, args["ties"], args["density"], device, progress)
+    stacked = {name: stacked[name] for name in names}
     base = {name: base_state[name].to(device, torch.float32).reshape(-1) for name in names}
     heads = {task: head.to(device).eval() for task, head in heads.items()}
     shape = (len(tasks),) if args["granularity"] == "task" else (len(tasks), len(names))
@@ -230,28 +231,18 @@ def adamerging_coefficients(
         for _ in bar:
             lam = raw.clamp(0.0, 1.0)
             columns = lam.detach().reshape(len(tasks), -1).expand(len(tasks), len(names))
-            with torch.no_grad():  # the one merged copy of this step, a leaf that collects dL/dθ
-                merged = {
-                    name: torch.addmv(base[name], stacked[name].t(), columns[:, b])
-                    .view_as(params[name]).to(params[name].dtype).requires_grad_()
-                    for b, name in enumerate(names)
-                }  # fmt: skip
-            total, count = 0.0, 0
-            for task in tasks:
-                for indices in _batches(len(inputs[task]), args["batch_size"], generator):
-                    pixel_values = inputs[task][indices].to(device)
-                    embeds = functional_call(model, merged, args=(), kwargs={"pixel_values": pixel_values}).image_embeds
-                    loss = softmax_entropy(heads[task](embeds)).mean()
-                    loss.backward()  # frees this batch's activations; dL/dθ accumulates in merged[name].grad
-                    total, count = total + loss.item(), count + 1
-            with torch.no_grad():
-                grad = torch.stack([stacked[n] @ merged[n].grad.reshape(-1).float() for n in names], dim=1)
+            batches = (
+                (heads[task], inputs[task][indices].to(device))
+                for task in tasks
+                for indices in _batches(len(inputs[task]), args["batch_size"], generator)
+            )
+            total, count, grad = entropy_gradient(model, base, stacked, columns, batches)
             optimizer.zero_grad()
             lam.backward(grad.sum(dim=1) if args["granularity"] == "task" else grad)
             optimizer.step()
             history.append(total / count)
             bar.set_postfix(entropy=f"{history[-1]:.4f}")
-            del merged, grad
+            del grad
     finally:
         bar.close()
         model.train(was_training)
@@ -262,6 +253,41 @@ def adamerging_coefficients(
     _write_merged(model, base_state, stacked, coefficients.to(device), names)
     blocks = [TASK_WISE_BLOCK] if args["granularity"] == "task" else list(names)
     return AdaMergingResult(tasks, blocks, coefficients.tolist(), history, args)
+
+
+def entropy_gradient(
+    model: nn.Module,
+    base: Mapping[str, Tensor],
+    stacked: Mapping[str, Tensor],
+    columns: Tensor,
+    batches: Iterable[tuple[nn.Module, Tensor]],
+) -> tuple[float, int, Tensor]:
+    """Σ over (head, pixel_values) batches of the mean entropy at θ = θ₀ + Σ_i λ_i^b τ_i^b, the batch count,
+    and the gradient of that sum w.r.t. λ ([T, B], ``columns`` holds λ with the same layout).
+
+    ``base`` and ``stacked`` map parameter names (in block order) to flat θ₀ and [T, numel] τ. The
+    model's own parameters must not require grad: only the one merged copy collects dL/dθ.
+    """
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # the one merged copy of this step: a leaf that collects dL/dθ
+        merged = {
+            name: torch.addmv(base[name], stacked[name].t(), columns[:, b])
+            .view_as(params[name]).to(params[name].dtype).requires_grad_()
+            for b, name in enumerate(stacked)
+        }  # fmt: skip
+    total, count = 0.0, 0
+    for head, pixel_values in batches:
+        embeds = functional_call(model, merged, args=(), kwargs={"pixel_values": pixel_values}).image_embeds
+        loss = softmax_entropy(head(embeds)).mean()
+        loss.backward()  # frees this batch's activations; dL/dθ accumulates in merged[name].grad
+        total, count = total + loss.item(), count + 1
+    with torch.no_grad():  # dL/dλ_i^b = ⟨dL/dθ^b, τ_i^b⟩
+        grad = torch.stack(
+            [stacked[n] @ merged[n].grad.reshape(-1).float() if merged[n].grad is not None
+             else stacked[n].new_zeros(stacked[n].shape[0]) for n in stacked],
+            dim=1,
+        )  # fmt: skip
+    return total, count, grad
 
 
 def _write_merged(
