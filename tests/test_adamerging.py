@@ -190,8 +190,9 @@ def test_poisoned_labels_give_the_same_coefficients(
     for task in TINY_TASKS:
         clean, bad = (load_from_disk(str(d / task))["test"]["label"] for d in (tiny_task_data_dir, poisoned))
         assert all(x != y for x, y in zip(clean, bad))
-    assert _cli(vector_dirs, tiny_task_data_dir, tmp_path / "clean") == 0
-    assert _cli(vector_dirs, poisoned, tmp_path / "bad") == 0
+    half = ("--method-arg", "batch_size=8")  # 16 of the 32 test inputs per step: which ones depends on the rows
+    assert _cli(vector_dirs, tiny_task_data_dir, tmp_path / "clean", *half) == 0
+    assert _cli(vector_dirs, poisoned, tmp_path / "bad", *half) == 0
     clean, bad = (json.loads((tmp_path / d / "adamerging_coefficients.json").read_text()) for d in ("clean", "bad"))
     assert clean["coefficients"] == bad["coefficients"] and clean["entropy"] == bad["entropy"]
 
