@@ -48,12 +48,13 @@ def _run(setup: dict, **args: object):
 def test_entropy_decreases_from_the_initial_merge(setup: dict, granularity: str) -> None:
     add_scaled_(setup["model"], setup["base"], setup["vectors"], [0.3, 0.3])  # λ init = 0.3 everywhere
     before = mean_entropy(setup["model"], setup["heads"], setup["inputs"])
-    result = _run(setup, granularity=granularity, **FAST)
+    seen: list[tuple[int, float]] = []
+    result = _run(setup, granularity=granularity, callback=lambda step, h: seen.append((step, h)), **FAST)
     after = mean_entropy(setup["model"], setup["heads"], setup["inputs"])
     # descent on Σ_task entropy: the total falls (one task may rise); per-tensor λ have more room to lower it
     assert sum(after.values()) < (0.99 if granularity == "task" else 0.9) * sum(before.values())
     assert result.entropy[-1] < result.entropy[0]
-    assert len(result.entropy) == FAST["steps"]
+    assert len(result.entropy) == FAST["steps"] and seen == list(enumerate(result.entropy))
 
 
 def test_coefficients_stay_in_unit_interval_and_are_written_into_the_model(setup: dict) -> None:

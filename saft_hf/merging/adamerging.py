@@ -14,7 +14,7 @@ T scaled copies of the vectors alive.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -199,13 +199,15 @@ def adamerging_coefficients(
     inputs: Mapping[str, UnlabeledInputs],
     *,
     progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
     **method_args: Any,
 ) -> AdaMergingResult:
     """Learn λ on unlabeled ``inputs`` (task → pixel_values source; labels are never asked for).
 
     ``heads`` (task → frozen zero-shot head) give the task order; ``vectors[i]`` belongs to the i-th
     head. ``method_args`` are the registered parameters (granularity, ties, density, steps, lr, init,
-    batch_size, seed). ``model`` is left at θ₀ + Σ λ τ with the learned, clamped λ.
+    batch_size, seed). ``callback(step, mean_entropy)`` runs after each step (logging, timing).
+    ``model`` is left at θ₀ + Σ λ τ with the learned, clamped λ.
     """
     args = get_method("adamerging").resolve(method_args)
     names = check_vectors(vectors)
@@ -228,7 +230,7 @@ def adamerging_coefficients(
     history: list[float] = []
     bar = tqdm(range(args["steps"]), desc="adamerging", disable=not progress)
     try:
-        for _ in bar:
+        for step in bar:
             lam = raw.clamp(0.0, 1.0)
             columns = lam.detach().reshape(len(tasks), -1).expand(len(tasks), len(names))
             batches = (
@@ -242,6 +244,8 @@ def adamerging_coefficients(
             optimizer.step()
             history.append(total / count)
             bar.set_postfix(entropy=f"{history[-1]:.4f}")
+            if callback is not None:
+                callback(step, history[-1])
             del grad
     finally:
         bar.close()
