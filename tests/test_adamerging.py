@@ -69,6 +69,26 @@ def test_coefficients_stay_in_unit_interval_and_are_written_into_the_model(setup
         torch.testing.assert_close(weights[name].detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_parameters_outside_the_vectors_end_at_the_base_weights(setup: dict) -> None:
+    names = [n for n in setup["base"] if "layers.0." in n]
+    setup["vectors"] = [{n: v[n] for n in names} for v in setup["vectors"]]
+    with torch.no_grad():
+        for p in setup["model"].parameters():
+            p.add_(1.0)  # a model left elsewhere, e.g. by an earlier search
+    result = _run(setup, steps=2)
+    assert result.blocks == names
+    weights = dict(setup["model"].named_parameters())
+    for name in set(setup["base"]) - set(names):
+        assert torch.equal(weights[name].detach(), setup["base"][name]), name
+
+
+def test_vectors_of_another_shape_are_refused_before_training(setup: dict) -> None:
+    name = next(iter(setup["base"]))
+    setup["vectors"] = [{**v, name: torch.zeros(3)} for v in setup["vectors"]]
+    with pytest.raises(MergeError, match=f"{name}.*shape"):
+        _run(setup, steps=1)
+
+
 def test_task_granularity_learns_one_coefficient_per_task(setup: dict) -> None:
     result = _run(setup, granularity="task", steps=2)
     assert result.blocks == ["all"] and [len(row) for row in result.coefficients] == [1, 1]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ..task_vectors import add_scaled_
 from .registry import (
     MergeError,
     MethodParam,
@@ -31,7 +32,7 @@ from .registry import (
     get_method,
     register_method,
 )
-from .streaming import TensorReader, check_vectors, iter_names
+from .streaming import TensorReader, _shapes_of, check_vectors, iter_names
 from .ties import elect_sign, magnitude_thresholds
 
 GRANULARITIES = ("task", "layer")
@@ -165,22 +166,28 @@ def _check_inputs(
     names: Sequence[str],
     heads: Mapping[str, nn.Module],
     inputs: Mapping[str, UnlabeledInputs],
-    n_vectors: int,
+    vectors: Sequence[Mapping[str, Tensor]],
 ) -> list[str]:
     tasks = list(heads)
-    if len(tasks) != n_vectors:
-        raise MergeError(f"got {n_vectors} task vectors but {len(tasks)} heads; give one head per vector, in order.")
+    if len(tasks) != len(vectors):
+        raise MergeError(f"got {len(vectors)} task vectors but {len(tasks)} heads; give one head per vector, in order.")
     if set(inputs) != set(tasks):
         raise MergeError(f"inputs are for tasks {sorted(inputs)} but heads for {sorted(tasks)}; give one per task.")
     empty = [task for task in tasks if len(inputs[task]) == 0]
     if empty:
         raise MergeError(f"task {empty[0]!r} has no unlabeled inputs; AdaMerging needs some for every task.")
     params = dict(model.named_parameters())
+    shapes = _shapes_of(vectors[0])
     for name in names:
         if name not in params or name not in base_state:
             raise MergeError(
                 f"task vector tensor {name!r} is not a parameter of {type(model).__name__} (or missing from "
                 "base_state); build the vectors against this model."
+            )
+        if shapes[name] != tuple(params[name].shape):
+            raise MergeError(
+                f"task vector tensor {name!r} has shape {shapes[name]} but the model's parameter has "
+                f"{tuple(params[name].shape)}; build the vectors against this model."
             )
     return tasks
 
@@ -211,7 +218,7 @@ def adamerging_coefficients(
     """
     args = get_method("adamerging").resolve(method_args)
     names = check_vectors(vectors)
-    tasks = _check_inputs(model, base_state, names, heads, inputs, len(vectors))
+    tasks = _check_inputs(model, base_state, names, heads, inputs, vectors)
     device = next(model.parameters()).device
     params = dict(model.named_parameters())
     names = [name for name in params if name in set(names)]  # blocks in model order, as in the paper's heatmap
@@ -225,6 +232,7 @@ def adamerging_coefficients(
     optimizer = torch.optim.Adam([raw], lr=args["lr"], betas=(0.9, 0.999), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args["seed"])
 
+    add_scaled_(model, base_state, [], [])  # start at θ₀: parameters outside the vectors stay there
     was_training, grad_flags = model.training, {n: p.requires_grad for n, p in params.items()}
     model.eval().requires_grad_(False)
     history: list[float] = []
@@ -298,8 +306,6 @@ def _write_merged(
     model: nn.Module, base_state: Mapping[str, Tensor], stacked: Mapping[str, Tensor], lam: Tensor, names: Sequence[str]
 ) -> None:
     """θ = θ₀ + Σ_i λ_i^b τ_i^b into ``model`` in place (parameters outside the vectors reset to θ₀)."""
-    from ..task_vectors import add_scaled_
-
     params = dict(model.named_parameters())
     columns = lam.expand(lam.shape[0], len(names))
     delta = {name: (stacked[name].t() @ columns[:, b]).view_as(params[name]) for b, name in enumerate(names)}
