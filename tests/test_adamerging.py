@@ -69,14 +69,16 @@ def test_coefficients_stay_in_unit_interval_and_are_written_into_the_model(setup
         torch.testing.assert_close(weights[name].detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_parameters_outside_the_vectors_end_at_the_base_weights(setup: dict) -> None:
+def test_parameters_outside_the_vectors_are_base_weights_during_and_after(setup: dict) -> None:
     names = [n for n in setup["base"] if "layers.0." in n]
     setup["vectors"] = [{n: v[n] for n in names} for v in setup["vectors"]]
+    from_base = _run(setup, steps=2)
     with torch.no_grad():
         for p in setup["model"].parameters():
-            p.add_(1.0)  # a model left elsewhere, e.g. by an earlier search
-    result = _run(setup, steps=2)
-    assert result.blocks == names
+            p.add_(0.5)  # a model left elsewhere, e.g. by an earlier search
+    from_elsewhere = _run(setup, steps=2)
+    assert from_base.blocks == names
+    assert from_elsewhere.coefficients == from_base.coefficients
     weights = dict(setup["model"].named_parameters())
     for name in set(setup["base"]) - set(names):
         assert torch.equal(weights[name].detach(), setup["base"][name]), name
