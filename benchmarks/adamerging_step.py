@@ -81,13 +81,18 @@ def main() -> None:
     inputs = {task: torch.randn(images, 3, size, size, generator=g) for task in heads}
 
     before = rss_bytes()
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, this process's CPU time): the machine may be shared
+
+    def stamp(step: int, entropy: float) -> None:
+        stamps.append((time.perf_counter(), time.process_time()))
+
     start = time.perf_counter()
     adamerging_coefficients(model, base, vectors, heads, inputs, progress=False, steps=args.steps,
-                            batch_size=args.batch_size, callback=lambda step, h: stamps.append(time.perf_counter()))  # fmt: skip
+                            batch_size=args.batch_size, callback=stamp)  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    first = stamps[0] - start  # reading and stacking the vectors, then the first step
+    steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+    first = stamps[0][0] - start  # reading and stacking the vectors, then the first step
 
     # the part of a step outside the model: the merged copy (no batches) and T·⟨dL/dθ, τ⟩ projections
     stacked = stack_vectors(vectors)
@@ -105,7 +110,8 @@ def main() -> None:
     median = statistics.median(steps) if steps else float("nan")
     print(f"AdaMerging step, {args.shapes} ({vector_bytes / 2**20:.2f} MiB per fp32 task vector), {args.tasks} tasks, "
           f"{BATCHES_PER_TASK}×{args.batch_size} inputs per task per step, torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"  step (median of {len(steps)} after a warm-up): {median:.3f} s")
+    print(f"  step (median of {len(steps)} after a warm-up): {median:.3f} s wall, "
+          f"{statistics.median(cpu) if cpu else float('nan'):.3f} s CPU of this process")  # fmt: skip
     print(f"  of which outside the model: merged copy {merge_s:.3f} s + gradient projection {project_s:.3f} s")
     print(f"  per input image (fwd+bwd): {(median - merge_s - project_s) / (args.tasks * images):.4f} s")
     print(f"  reading/stacking the vectors + first step: {first:.2f} s")

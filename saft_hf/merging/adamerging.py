@@ -131,7 +131,8 @@ def ties_selected(stacked: Tensor, threshold: Tensor | None) -> Tensor:
     """AdaMerging++'s vectors from [T, d] stacked τ: trim |τ| < threshold, keep entries agreeing with the elected sign.
 
     The authors' ``ties_merging_split`` returns these per-task entries (not their disjoint mean); λ_i then
-    weighs them. Modifies and returns ``stacked``.
+    weighs them. A zero sign sum elects +1 (``ties.elect_sign``; their code takes the vector-wide
+    majority sign there). Modifies and returns ``stacked``.
     """
     if threshold is not None:
         stacked.mul_(stacked.abs() >= threshold.unsqueeze(1))
