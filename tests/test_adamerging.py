@@ -192,6 +192,7 @@ def test_cli_writes_merged_weights_coefficients_heatmap_and_card(
     assert (out / "adamerging_coefficients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "README.md").read_text()
     assert "## AdaMerging coefficients" in card and f"| {learned['blocks'][0]} |" in card
+    assert "(adamerging_coefficients.png)" in card and "unlabeled\nvalidation inputs" in card
 
 
 def _relabel(data_dir: Path, target: Path) -> Path:

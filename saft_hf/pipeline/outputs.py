@@ -38,7 +38,9 @@ with **{{ method }}** ({{ paper }}) by [saft-hf](https://github.com/saft-hf/saft
 λ learned ({{ adamerging.method_args.granularity }}-wise{% if adamerging.method_args.ties %}, AdaMerging++ with TIES
 density {{ adamerging.method_args.density }}{% endif %}) by minimising the mean prediction entropy on unlabeled
 {{ adapt_split }} inputs over {{ adamerging.entropy | length }} steps: entropy {{ "%.4f" | format(adamerging.entropy[0]) }} →
-{{ "%.4f" | format(adamerging.entropy[-1]) }}. Heatmap: `adamerging_coefficients.png`; values: `adamerging_coefficients.json`.
+{{ "%.4f" | format(adamerging.entropy[-1]) }}. Values: `adamerging_coefficients.json`.
+
+![AdaMerging coefficients, task × block](adamerging_coefficients.png)
 
 <details><summary>λ per block (rows) and task (columns)</summary>
 
