@@ -41,6 +41,8 @@ _LAZY: dict[str, str] = {
     # merging
     "merge": "merging",
     "search_coefficients": "merging",
+    "adamerging_coefficients": "merging",
+    "AdaMergingResult": "merging",
     "MergeJob": "pipeline",
     "run_merge_job": "pipeline",
     # analysis

@@ -107,7 +107,7 @@ class LazyFile(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m].needs_data))
 def test_lazy_vectors_merge_like_dicts_holding_one_parameter_at_a_time(method, tmp_path):
     g = torch.Generator().manual_seed(0)
     dicts = [{f"layer{j}.w": torch.randn(30, 20, generator=g) for j in range(12)} for _ in range(4)]

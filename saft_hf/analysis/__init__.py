@@ -3,7 +3,7 @@
 from .disentanglement import DEFAULT_ALPHAS, DEFAULT_OTHERS_SCALE, PairGrid, weight_disentanglement
 from .evaluation import block_outputs, evaluate_task, heads_logits_fn, image_embeds, prepare_eval_data
 from .linearity import DEFAULT_CTL_LAMBDA, cross_task_linearity
-from .plots import DEFAULT_SEARCH_REGION, plot_ctl, plot_heatmaps
+from .plots import DEFAULT_SEARCH_REGION, plot_coefficients, plot_ctl, plot_heatmaps
 from .report import analyze_pairs, summarize, write_report
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "evaluate_task",
     "heads_logits_fn",
     "image_embeds",
+    "plot_coefficients",
     "plot_ctl",
     "plot_heatmaps",
     "prepare_eval_data",

@@ -100,6 +100,35 @@ def plot_ctl(
         plt.close(fig)
 
 
+def plot_coefficients(
+    coefficients: Sequence[Sequence[float]],
+    tasks: Sequence[str],
+    blocks: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str = "AdaMerging coefficients λ",
+    dpi: int = DEFAULT_DPI,
+) -> Path:
+    """Heatmap of learned merging coefficients, tasks × blocks (AdaMerging, Yang et al. 2024, Fig. 3 style)."""
+    grid = np.asarray(coefficients, dtype=float)
+    if grid.shape != (len(tasks), len(blocks)):
+        raise ValueError(f"coefficients have shape {grid.shape}, expected (tasks, blocks) = {(len(tasks), len(blocks))}.")
+    width = min(max(4.0, 0.12 * len(blocks) + 2.5), 24.0)
+    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.45 * len(tasks)), dpi=dpi, layout="constrained")
+    try:
+        mesh = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_yticks(range(len(tasks)), labels=list(tasks))
+        if len(blocks) == 1:
+            ax.set_xticks([0], labels=list(blocks))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(title=title, xlabel="block (parameter tensor, in model order)" if len(blocks) > 1 else "")
+        fig.colorbar(mesh, ax=ax, shrink=0.8)
+        return _save_png(fig, path, dpi)
+    finally:
+        plt.close(fig)
+
+
 def _save_png(fig: plt.Figure, path: str | os.PathLike, dpi: int) -> Path:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

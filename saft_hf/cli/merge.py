@@ -19,6 +19,7 @@ examples:
   saft-merge --repos user/tv-cars,user/tv-dtd,user/tv-eurosat --method ties --scaling 1.0 --output merged/
   saft-merge --repos user/tv-cars,./tv-dtd --method task_arithmetic --search --eval \\
       --max-eval-samples 512 --output merged-ta/ --push-to-hub user/clip-merged-ta
+  saft-merge --repos user/tv-cars,user/tv-dtd --method adamerging --method-arg ties=true --eval --output merged-ada/
 """
 
 
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--select", choices=["absolute", "normalized"], default="absolute",
         help="--search score: mean accuracy, or mean accuracy / fine-tuned accuracy (default: absolute)",
     )  # fmt: skip
+    merging.add_argument(
+        "--adapt-split", choices=["test", "validation"],
+        help="--method adamerging: split whose unlabeled inputs λ is learned on (labels never read; default: test, "
+        "as in the paper)",
+    )  # fmt: skip
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval", action="store_true", help="report accuracy per task on the test split")
     evaluation.add_argument("--data-dir", help="local task data, one folder per task (default: the Hub)")
@@ -111,7 +117,7 @@ def _job(args: argparse.Namespace) -> MergeJob:
         search=args.search, grid=args.grid, select=args.select, evaluate=args.eval, data_dir=args.data_dir,
         max_eval_samples=args.max_eval_samples, batch_size=args.batch_size, device=args.device,
         overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
-        progress=not args.no_progress,
+        progress=not args.no_progress, adapt_split=args.adapt_split,
     )  # fmt: skip
 
 
@@ -143,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcome.search is not None:
         print(outcome.search.format_table())
         print(f"chosen λ = {outcome.search.best_scaling}")
+    if outcome.adamerging is not None:
+        entropy = outcome.adamerging.entropy
+        print(f"adamerging: mean entropy {entropy[0]:.4f} → {entropy[-1]:.4f} over {len(entropy)} steps; "
+              f"λ in {outcome.output / 'adamerging_coefficients.json'}")  # fmt: skip
     if outcome.report is not None:
         print(outcome.report.format_table())
     print(f"wrote {outcome.output}")

@@ -1,6 +1,7 @@
 """Merging task vectors: one function per method, registered by name, computed tensor by tensor."""
 
-from . import basic, dare, pcb, ties  # noqa: F401  (importing registers the methods)
+from . import adamerging, basic, dare, pcb, ties  # noqa: F401  (importing registers the methods)
+from .adamerging import AdaMergingResult, adamerging_coefficients
 from .api import merge
 from .registry import (
     METHODS,
@@ -15,6 +16,7 @@ from .report import MergeReport, TaskResult
 from .search import SearchResult, search_coefficients
 
 __all__ = [
+    "AdaMergingResult",
     "METHODS",
     "MergeError",
     "MergeMethod",
@@ -22,6 +24,7 @@ __all__ = [
     "MethodParam",
     "SearchResult",
     "TaskResult",
+    "adamerging_coefficients",
     "get_method",
     "merge",
     "parse_method_args",

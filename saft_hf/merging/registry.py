@@ -77,6 +77,7 @@ class MergeMethod:
     paper: str
     summary: str
     grid: tuple[float, ...] | None = None
+    needs_data: bool = False  # learns its coefficients on inputs (AdaMerging): no pure ``merge`` call
 
     @property
     def scalable(self) -> bool:
@@ -114,6 +115,7 @@ def register_method(
     paper: str,
     summary: str,
     grid: Sequence[float] | None = None,
+    needs_data: bool = False,
 ) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
     """Decorator registering a merge function under ``name`` with its declared parameters."""
 
@@ -127,6 +129,7 @@ def register_method(
             paper=paper,
             summary=summary,
             grid=tuple(grid) if grid is not None else None,
+            needs_data=needs_data,
         )
         return fn
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..merging import MergeError, get_method
+from ..merging import METHODS, MergeError, get_method
 from ..merging.registry import DEFAULT_GRID
 from ..tasks import DATA_DIR_ENV
 
 Selection = Literal["absolute", "normalized"]
+ADAPT_SPLITS = ("test", "validation")  # AdaMerging's unlabeled inputs: test as in the paper, or validation
 
 
 class MergeJobError(ValueError):
@@ -58,10 +59,20 @@ class MergeJob:
     private: bool | None = None
     token: str | None = None
     progress: bool = True
+    adapt_split: str | None = None
+
+    @property
+    def learns_coefficients(self) -> bool:
+        """True for a method that learns its coefficients on unlabeled inputs (AdaMerging)."""
+        return self.method in METHODS and METHODS[self.method].needs_data
+
+    @property
+    def adapt_split_or_default(self) -> str:
+        return self.adapt_split or ADAPT_SPLITS[0]
 
     @property
     def needs_data(self) -> bool:
-        return self.search or self.evaluate
+        return self.search or self.evaluate or self.learns_coefficients
 
     def merge_args(self) -> dict[str, Any]:
         """The method's user-given parameters, with ``scaling`` = λ unless λ is searched."""
@@ -82,6 +93,7 @@ class MergeJob:
         self._check_method()
         self._check_lambda()
         self._check_evaluation()
+        self._check_adaptation()
         output = Path(self.output)
         if output.exists() and not self.overwrite:
             raise MergeUsageError(
@@ -153,8 +165,19 @@ class MergeJob:
                 raise MergeUsageError("--data-dir and --select are only used with --search or --eval; add one of them.")
             return
         if self.data_dir is None and not os.environ.get(DATA_DIR_ENV) and _offline():
-            what = "--search" if self.search else "--eval"
+            what = "--search" if self.search else "--eval" if self.evaluate else f"--method {self.method}"
             raise MergeUsageError(
                 f"{what} needs task data, but no --data-dir (or ${DATA_DIR_ENV}) is given and the Hub is offline; "
                 "pass --data-dir DIR with one folder per task, or go online to load the datasets from the Hub."
             )
+
+    def _check_adaptation(self) -> None:
+        if self.adapt_split is None:
+            return
+        if not self.learns_coefficients:
+            raise MergeUsageError(
+                f"--adapt-split is only used by methods that learn on unlabeled inputs (adamerging), not "
+                f"{self.method!r}; drop --adapt-split or pass --method adamerging."
+            )
+        if self.adapt_split not in ADAPT_SPLITS:
+            raise MergeUsageError(f"--adapt-split must be one of {list(ADAPT_SPLITS)}, got {self.adapt_split!r}.")

@@ -10,6 +10,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ..io_utils import atomic_write_json
+from ..merging.adamerging import coefficient_table
 from ..task_vectors import HEAD_FILES, TaskVector
 
 CARD_TAGS = ["saft", "model-merging", "merge"]
@@ -31,6 +32,21 @@ with **{{ method }}** ({{ paper }}) by [saft-hf](https://github.com/saft-hf/saft
 - **Parameters:** {{ parameters }}
 {% if search %}- **λ chosen by search:** {{ scaling }} (best {{ search.selection }} mean validation accuracy over {{ search.grid | length }} values)
 {% elif scaling %}- **λ:** {{ scaling }}
+{% endif %}{% if adamerging %}
+## AdaMerging coefficients
+
+λ learned ({{ adamerging.method_args.granularity }}-wise{% if adamerging.method_args.ties %}, AdaMerging++ with TIES
+density {{ adamerging.method_args.density }}{% endif %}) by minimising the mean prediction entropy on unlabeled
+{{ adapt_split }} inputs over {{ adamerging.entropy | length }} steps: entropy {{ "%.4f" | format(adamerging.entropy[0]) }} →
+{{ "%.4f" | format(adamerging.entropy[-1]) }}. Values: `adamerging_coefficients.json`.
+
+![AdaMerging coefficients, task × block](adamerging_coefficients.png)
+
+<details><summary>λ per block (rows) and task (columns)</summary>
+
+{{ adamerging_table }}
+
+</details>
 {% endif %}{% if evaluation %}
 ## Results (test split)
 
@@ -92,7 +108,18 @@ def make_merge_card(merge_config: Mapping[str, Any], results: Mapping[str, Any],
         search=merge_config.get("search"),
         evaluation=results.get("evaluation"),
         evaluation_table=evaluation_table,
+        **_adamerging_card_args(merge_config, results),
     )
+
+
+def _adamerging_card_args(merge_config: Mapping[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
+    """Template values of the card's AdaMerging section (empty when the merge learned no coefficients)."""
+    learned = results.get("adamerging")
+    if not learned:
+        return {"adamerging": None}
+    table = coefficient_table(learned["tasks"], learned["blocks"], learned["coefficients"])
+    split = (merge_config.get("adaptation") or {}).get("split")
+    return {"adamerging": learned, "adamerging_table": table, "adapt_split": split}
 
 
 def write_metadata(

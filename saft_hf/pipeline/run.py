@@ -9,8 +9,9 @@ from typing import Any
 
 from .. import __version__
 from ..io_utils import atomic_output_dir
-from ..merging import MergeReport, SearchResult, get_method, merge, search_coefficients
+from ..merging import AdaMergingResult, MergeReport, SearchResult, get_method, merge, search_coefficients
 from ..task_vectors import TaskVector, add_scaled_
+from .adaptation import run_adamerging, write_adamerging_outputs
 from .evaluation import CachedBatches, TaskEvaluator
 from .inputs import BaseModel, load_all, load_heads, load_split, recorded_accuracy, task_names
 from .job import MergeJob, MergeJobError
@@ -29,6 +30,7 @@ class MergeOutcome:
     search: SearchResult | None = None
     report: MergeReport | None = None
     commit_url: str | None = None
+    adamerging: AdaMergingResult | None = None
 
 
 def _individual(vectors: list[TaskVector], tasks: list[str], required: bool) -> dict[str, float]:
@@ -73,7 +75,11 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
     individual = _individual(vectors, tasks, required=job.search and job.select == "normalized")
 
     search: SearchResult | None = None
-    if job.search:
+    adaptation: AdaMergingResult | None = None
+    if job.learns_coefficients:
+        adaptation = run_adamerging(job, vectors, base)
+        method_args = adaptation.method_args
+    elif job.search:
         evaluate = _evaluator(job, vectors, base, "validation")
         normalize_by = individual if job.select == "normalized" else None
         search = search_coefficients(
@@ -109,6 +115,8 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         else {"grid": list(job.grid_values()), "selection": job.select, "table": search.table},
         "evaluation": {"split": "test", "max_eval_samples": job.max_eval_samples} if job.evaluate else None,
     }
+    if adaptation is not None:  # labels of this split are never read
+        merge_config["adaptation"] = {"split": job.adapt_split_or_default, "labels_read": False}
     results = {
         "method": job.method,
         "method_args": method_args,
@@ -116,15 +124,19 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         "search": search.to_dict() if search is not None else None,
         "evaluation": report.to_dict() if report is not None else None,
     }
+    if adaptation is not None:
+        results["adamerging"] = adaptation.to_dict()
     output = Path(job.output)
     with atomic_output_dir(output, overwrite=job.overwrite) as tmp:
         base.model.save_pretrained(tmp)
         if (base.directory / PROCESSOR_NAME).is_file():  # so the folder loads with AutoImageProcessor too
             shutil.copyfile(base.directory / PROCESSOR_NAME, tmp / PROCESSOR_NAME)
         copy_heads(vectors, tasks, tmp)
+        if adaptation is not None:
+            write_adamerging_outputs(adaptation, tmp)
         write_metadata(tmp, merge_config, results, report.format_table() if report is not None else None)
     commit_url = None
     if job.push_to_hub:
         message = f"saft-merge: {job.method} of {len(vectors)} task vectors"
         commit_url = push_folder(output, job.push_to_hub, job.private, job.token, message)
-    return MergeOutcome(output, merge_config, results, search, report, commit_url)
+    return MergeOutcome(output, merge_config, results, search, report, commit_url, adaptation)
