@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .io_utils import atomic_output_dir
+from .readers import safe_name
 from .task_vector_io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_BYTES,
@@ -420,6 +421,8 @@ class TaskVector(Mapping[str, Tensor]):
                 f"{source} has task-vector format_version {version!r}; this saft-hf reads up to "
                 f"{FORMAT_VERSION}: upgrade saft-hf."
             )
+        if config.get("task") is not None:  # the task names output folders (heads/<task>) later
+            safe_name(config["task"], what="task name", source=f"{CONFIG_NAME} of {source}")
         weight_map = weight_map_of(directory, source, WEIGHTS_NAME, INDEX_NAME)
         if weight_map is None:
             raise CorruptedTaskVectorError(

@@ -1,0 +1,30 @@
+"""Readers of the repo kinds saft-hf merges, and the one rule for names from downloaded files.
+
+Every name that comes from a downloaded file (a shard in an index, a task name in a config) and
+becomes a path goes through :func:`safe_name` first.
+"""
+
+from __future__ import annotations
+
+from .task_vector_io import CorruptedTaskVectorError
+
+__all__ = ["safe_name"]
+
+
+def safe_name(name: object, *, what: str, source: str) -> str:
+    """``name`` if it is one plain path component (no separator, ``..``, ``.``, NUL or empty), else an error.
+
+    Such a name joined to a folder stays inside that folder lexically, whatever the folder's own links
+    are (the Hub cache links snapshot files into ``blobs/``), so no path is resolved here.
+    """
+    bad = (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(char in name for char in ("/", "\\", "\0"))
+    )
+    if bad:
+        raise CorruptedTaskVectorError(
+            f"{what} {name!r} in {source} is not a plain name (it could point outside its folder: separators, "
+            "'..', absolute paths and empty names are refused); fix the name in the file or re-create it."
+        )
+    return name  # type: ignore[return-value]
