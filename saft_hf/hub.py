@@ -27,6 +27,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 
+from .readers import weight_map_of
 from .task_vector_io import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -36,7 +37,6 @@ from .task_vector_io import (
     TaskVectorError,
     provenance_config,
     read_json,
-    weight_map_of,
 )
 from .task_vectors import TaskVector, check_compatible
 

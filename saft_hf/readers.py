@@ -6,9 +6,11 @@ becomes a path goes through :func:`safe_name` first.
 
 from __future__ import annotations
 
-from .task_vector_io import CorruptedTaskVectorError
+from pathlib import Path
 
-__all__ = ["safe_name"]
+from .task_vector_io import CorruptedTaskVectorError, SafetensorsStore, read_json
+
+__all__ = ["safe_name", "weight_map_of"]
 
 
 def safe_name(name: object, *, what: str, source: str) -> str:
@@ -28,3 +30,18 @@ def safe_name(name: object, *, what: str, source: str) -> str:
             "'..', absolute paths and empty names are refused); fix the name in the file or re-create it."
         )
     return name  # type: ignore[return-value]
+
+
+def weight_map_of(directory: Path, source: str, weights: str, index: str) -> dict[str, str] | None:
+    """Tensor → file map of a safetensors checkpoint (single file or sharded index), or None if neither."""
+    if (directory / index).is_file():
+        weight_map = read_json(directory / index, source).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptedTaskVectorError(f"{index} of {source} has no 'weight_map'; re-download it.")
+        where = f"{index} of {source}"
+        return {n: safe_name(f, what="shard file", source=where) for n, f in weight_map.items()}
+    if (directory / weights).is_file():
+        store = SafetensorsStore(directory, {}, source)
+        with store.open(weights) as handle:
+            return dict.fromkeys(handle.keys(), weights)
+    return None

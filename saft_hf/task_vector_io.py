@@ -137,24 +137,6 @@ class SafetensorsStore:
             ) from err
 
 
-def safe_member(directory: Path, filename: str, source: str) -> str:
-    """Reject index entries that would point outside the task-vector directory (``..``, absolute)."""
-    if not isinstance(filename, str) or not filename:
-        raise CorruptedTaskVectorError(f"index of {source} has an invalid file name {filename!r}.")
-    pure = Path(filename)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in filename or os.path.isabs(filename):
-        raise CorruptedTaskVectorError(
-            f"index of {source} maps a tensor to {filename!r}, which is outside the task-vector directory; "
-            "refusing to read it (only plain relative file names are allowed)."
-        )
-    resolved = (directory / pure).resolve()
-    if directory.resolve() not in resolved.parents:
-        raise CorruptedTaskVectorError(
-            f"index of {source} maps a tensor to {filename!r}, which resolves outside {directory}."
-        )
-    return filename
-
-
 def read_json(path: Path, source: str) -> dict[str, Any]:
     """A JSON object from ``path``, or a CorruptedTaskVectorError naming the file of ``source``."""
     try:
@@ -166,20 +148,6 @@ def read_json(path: Path, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CorruptedTaskVectorError(f"{path.name} of {source} is not a JSON object.")
     return data
-
-
-def weight_map_of(directory: Path, source: str, weights: str, index: str) -> dict[str, str] | None:
-    """Tensor → file map of a safetensors checkpoint (single file or sharded index), or None if neither."""
-    if (directory / index).is_file():
-        weight_map = read_json(directory / index, source).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CorruptedTaskVectorError(f"{index} of {source} has no 'weight_map'; re-download it.")
-        return {n: safe_member(directory, f, source) for n, f in weight_map.items()}
-    if (directory / weights).is_file():
-        store = SafetensorsStore(directory, {}, source)
-        with store.open(weights) as handle:
-            return dict.fromkeys(handle.keys(), weights)
-    return None
 
 
 # ----------------------------------------------------------------------------- writing

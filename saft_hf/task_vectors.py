@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .io_utils import atomic_output_dir
-from .readers import safe_name
+from .readers import safe_name, weight_map_of
 from .task_vector_io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_BYTES,
@@ -34,7 +34,6 @@ from .task_vector_io import (
     fingerprint,
     read_head,
     read_json,
-    weight_map_of,
     write_head,
     write_tensors,
 )

@@ -135,3 +135,89 @@ def test_hub_env_points_huggingface_hub_at_the_loopback_server(hub_env) -> None:
     assert not constants.is_offline_mode() and constants.HF_HUB_DISABLE_XET
     assert Path(constants.HF_HUB_CACHE).is_relative_to(hub_env.hf_home)
     assert HfApi().endpoint == hub_env.endpoint
+
+
+# ----------------------------------------------------------------------------- sharded repos from the Hub cache
+def _tiny_tower(seed: int) -> torch.nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=16,
+    )  # fmt: skip
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    import copy
+
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.01 * torch.randn(param.shape, generator=generator))
+    return other
+
+
+def _upload(folder: Path, repo_id: str, token: str) -> None:
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder)
+
+
+def _assert_cache_links(repo_id: str, pattern: str) -> None:
+    """The files were really read from the Hub cache, whose snapshot files link into blobs/."""
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
+    shards = list(snapshot.glob(pattern))
+    assert len(shards) > 1 and all(p.is_symlink() for p in shards)
+
+
+def test_sharded_task_vector_round_trips_through_the_hub_cache(hub_env) -> None:
+    vector = _vector(11)
+    vector.push_to_hub("user/tv-sharded", token=hub_env.token, max_shard_size=2_000)
+    pulled = TaskVector.from_pretrained("user/tv-sharded")
+    assert _same(pulled, vector)
+    _assert_cache_links("user/tv-sharded", "task_vector-*.safetensors")
+
+
+def test_sharded_full_model_round_trips_through_the_hub_cache(hub_env, tmp_path: Path) -> None:
+    base = _tiny_tower(0)
+    finetuned = _perturbed(base, 1)
+    finetuned.save_pretrained(tmp_path / "ft", max_shard_size="20KB")
+    assert (tmp_path / "ft" / "model.safetensors.index.json").is_file()
+    _upload(tmp_path / "ft", "user/ft-sharded", hub_env.token)
+    loaded = load_task_vector("user/ft-sharded", base=base)
+    expected = TaskVector.from_models(base, finetuned)
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[n], expected[n]) for n in expected)
+    _assert_cache_links("user/ft-sharded", "model-*.safetensors")
+
+
+def test_sharded_lora_adapter_round_trips_through_the_hub_cache(hub_env, tmp_path: Path) -> None:
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    base = _tiny_tower(0)
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(_tiny_tower(0), config).save_pretrained(tmp_path / "single")
+    single = tmp_path / "single"
+    whole = load_file(str(single / "adapter_model.safetensors"))
+    expected = load_task_vector(single, base=base)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((single / "adapter_config.json").read_text())
+    names = sorted(whole)
+    halves = {"adapter_model-00001-of-00002.safetensors": names[::2], "adapter_model-00002-of-00002.safetensors": names[1::2]}
+    for filename, part in halves.items():
+        save_file({n: whole[n] for n in part}, str(folder / filename))
+    weight_map = {n: f for f, part in halves.items() for n in part}
+    (folder / "adapter_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _upload(folder, "user/lora-sharded", hub_env.token)
+    loaded = load_task_vector("user/lora-sharded", base=base)
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[n], expected[n]) for n in expected)
+    _assert_cache_links("user/lora-sharded", "adapter_model-*.safetensors")
