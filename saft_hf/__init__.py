@@ -36,6 +36,7 @@ _LAZY: dict[str, str] = {
     "build_zero_shot_head": "clip",
     "CLIPImageClassifier": "clip",
     "load_vision_tower": "clip",
+    "load_clip_model": "clip",
     "evaluate_accuracy": "clip",
     "collate_image_batch": "clip",
     # merging

@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 
-from .readers import weight_map_of
+from .readers import MODEL_INDEX, MODEL_WEIGHTS, no_safetensors_error, weight_map_of
 from .task_vector_io import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -208,12 +208,9 @@ def _resolve(repo_or_dir: str | os.PathLike, **hub_kwargs: Any) -> tuple[Path, s
 
 
 def _open_checkpoint(directory: Path, source: str) -> SafetensorsStore:
-    weight_map = weight_map_of(directory, source, "model.safetensors", "model.safetensors.index.json")
+    weight_map = weight_map_of(directory, source, MODEL_WEIGHTS, MODEL_INDEX)
     if weight_map is None:
-        raise TaskVectorError(
-            f"{source} has no model.safetensors (or model.safetensors.index.json); saft-hf reads "
-            "safetensors only, never pickled *.bin weights: convert the checkpoint to safetensors."
-        )
+        raise no_safetensors_error(source)
     return SafetensorsStore(directory, weight_map, source)
 
 

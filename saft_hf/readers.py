@@ -6,11 +6,15 @@ becomes a path goes through :func:`safe_name` first.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .task_vector_io import CorruptedTaskVectorError, SafetensorsStore, read_json
+from .task_vector_io import CorruptedTaskVectorError, SafetensorsStore, TaskVectorError, read_json
 
-__all__ = ["safe_name", "weight_map_of"]
+__all__ = ["MODEL_INDEX", "MODEL_WEIGHTS", "no_safetensors_error", "require_safetensors", "safe_name", "weight_map_of"]
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
 
 
 def safe_name(name: object, *, what: str, source: str) -> str:
@@ -45,3 +49,21 @@ def weight_map_of(directory: Path, source: str, weights: str, index: str) -> dic
         with store.open(weights) as handle:
             return dict.fromkeys(handle.keys(), weights)
     return None
+
+
+def no_safetensors_error(source: str, weights: str = MODEL_WEIGHTS) -> TaskVectorError:
+    """The one error for a checkpoint without safetensors weights: pickled ``*.bin`` files are never read."""
+    return TaskVectorError(
+        f"{source} has no {weights} (or {weights}.index.json); saft-hf reads safetensors only, never pickled "
+        "*.bin weights: convert the checkpoint to safetensors (e.g. save_pretrained with safe_serialization)."
+    )
+
+
+def require_safetensors(path: str | os.PathLike, subfolder: str = "") -> None:
+    """Raise :func:`no_safetensors_error` if the local folder ``path`` has no safetensors model weights.
+
+    A Hub id (not a local folder) is left to ``from_pretrained(use_safetensors=True)``, which never unpickles.
+    """
+    directory = Path(path) / subfolder
+    if directory.is_dir() and not any((directory / name).is_file() for name in (MODEL_WEIGHTS, MODEL_INDEX)):
+        raise no_safetensors_error(str(directory))

@@ -58,3 +58,62 @@ def test_plain_task_names_load(tmp_path: Path) -> None:
     for task in ("mnist", "Stanford Cars", "sun397-v2", "TinyColors"):
         directory = TaskVector({"w": torch.ones(2)}, {"task": task}).save_pretrained(tmp_path / "tv", model_card=False)
         assert TaskVector.from_pretrained(directory).config["task"] == task
+
+
+# ----------------------------------------------------------------------------- item 3: no pickle path
+PICKLE_REFUSED = "never pickled"
+
+
+@pytest.fixture(scope="module")
+def pickle_only_clip(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CLIP with its weights as ``pytorch_model.bin`` only (config, tokenizer, processor kept)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    directory = tmp_path_factory.mktemp("pickle_clip") / "clip"
+    shutil.copytree(tiny_clip_dir, directory)
+    torch.save(load_file(str(directory / "model.safetensors")), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+    return directory
+
+
+@pytest.fixture
+def no_torch_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any torch.load call fails the test loudly instead of unpickling."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load was called: a pickle was about to be read")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_load_vision_tower_refuses_a_pickle_only_folder(pickle_only_clip: Path, no_torch_load: None) -> None:
+    with pytest.raises(ValueError, match=PICKLE_REFUSED):
+        load_vision_tower(pickle_only_clip)
+
+
+def test_build_zero_shot_head_refuses_a_pickle_only_folder(pickle_only_clip: Path, no_torch_load: None) -> None:
+    from saft_hf.clip import build_zero_shot_head
+
+    with pytest.raises(ValueError, match=PICKLE_REFUSED):
+        build_zero_shot_head(pickle_only_clip, None, ["a", "b"], ["a photo of a {}."])
+
+
+def test_saft_analyze_refuses_a_pickle_only_base(
+    tiny_clip_dir: Path, pickle_only_clip: Path, tmp_path: Path, no_torch_load: None
+) -> None:
+    from saft_hf.analysis.inputs import load_analysis_inputs
+
+    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", "TinyColors", i) for i in (1, 2)]
+    with pytest.raises(ValueError, match=PICKLE_REFUSED):
+        load_analysis_inputs(pickle_only_clip, {"sam": vectors}, tasks=["TinyColors", "TinyPatterns"])
+
+
+def test_saft_merge_refuses_a_pickle_only_base_with_the_same_message(
+    tiny_clip_dir: Path, pickle_only_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_torch_load: None
+) -> None:
+    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", f"task{i}", i) for i in (1, 2)]
+    code = main(["--repos", ",".join(map(str, vectors)), "--base", str(pickle_only_clip), "--method", "task_arithmetic",
+                 "--scaling", "0.3", "--output", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    assert code == 1 and PICKLE_REFUSED in capsys.readouterr().err
