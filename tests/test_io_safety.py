@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,57 @@ def test_saft_merge_refuses_a_pickle_only_base_with_the_same_message(
     code = main(["--repos", ",".join(map(str, vectors)), "--base", str(pickle_only_clip), "--method", "task_arithmetic",
                  "--scaling", "0.3", "--output", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
     assert code == 1 and PICKLE_REFUSED in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- item 4: modes follow the umask
+@pytest.fixture(params=[0o022, 0o002])
+def umask(request: pytest.FixtureRequest) -> object:
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    """Permission bits of ``root`` and everything under it, by path relative to ``root``."""
+    paths = [root, *root.rglob("*")]
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+
+def _assert_umask_modes(root: Path, umask: int) -> None:
+    for name, mode in _modes(root).items():
+        expected = (0o777 if (root / name).is_dir() else 0o666) & ~umask
+        assert mode == expected, f"{name}: {oct(mode)} != {oct(expected)} under umask {oct(umask)}"
+
+
+def test_atomic_outputs_get_the_modes_of_a_plain_mkdir_and_open(tmp_path: Path, umask: int) -> None:
+    from saft_hf.io_utils import atomic_output_dir, atomic_save_file, atomic_write_json
+
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir()
+        atomic_save_file({"w": torch.ones(2)}, tmp / "sub" / "w.safetensors")
+    atomic_write_json(tmp_path / "single" / "a.json", {"a": 1})
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "single" / "w.safetensors")
+    _assert_umask_modes(tmp_path / "out", umask)
+    _assert_umask_modes(tmp_path / "single", umask)
+
+
+def test_saved_task_vector_and_classifier_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    from saft_hf.clip import CLIPImageClassifier
+    from tests.test_hub import _tiny_tower
+
+    TaskVector({"w": torch.ones(3)}, {"task": "x"}).save_pretrained(tmp_path / "tv", max_shard_size=8)
+    _assert_umask_modes(tmp_path / "tv", umask)
+    head = ZeroShotHead.from_prototypes(torch.randn(3, 16), ["a", "b", "c"])
+    CLIPImageClassifier(_tiny_tower(0), head).save_pretrained(tmp_path / "clf")
+    _assert_umask_modes(tmp_path / "clf", umask)
+
+
+def test_merged_output_follows_the_umask(tiny_clip_dir: Path, tmp_path: Path, umask: int) -> None:
+    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", f"task{i}", i) for i in (1, 2)]
+    output = tmp_path / "merged"
+    code = main(["--repos", ",".join(map(str, vectors)), "--method", "task_arithmetic", "--scaling", "0.3",
+                 "--output", str(output), "--no-progress"])  # fmt: skip
+    assert code == 0
+    _assert_umask_modes(output, umask)
