@@ -173,3 +173,20 @@ def test_merged_output_follows_the_umask(tiny_clip_dir: Path, tmp_path: Path, um
                  "--output", str(output), "--no-progress"])  # fmt: skip
     assert code == 0
     _assert_umask_modes(output, umask)
+
+
+# ----------------------------------------------------------------------------- item 5: no secret in a repr
+def test_merge_job_repr_and_outputs_never_carry_the_token(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    from saft_hf.pipeline import MergeJob, run_merge_job
+    from tests.fixtures_hub import FAKE_TOKEN
+
+    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", f"task{i}", i) for i in (1, 2)]
+    job = MergeJob(repos=[str(v) for v in vectors], output=tmp_path / "out", method="task_arithmetic", scaling=0.3,
+                   token=FAKE_TOKEN, progress=False)  # fmt: skip
+    assert job.token == FAKE_TOKEN
+    assert FAKE_TOKEN not in repr(job) and FAKE_TOKEN not in str(job)
+    outcome = run_merge_job(job)
+    assert FAKE_TOKEN not in repr(outcome)
+    for path in outcome.output.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
