@@ -35,6 +35,7 @@ from .task_vector_io import (
     IncompatibleTaskVectorError,
     SafetensorsStore,
     TaskVectorError,
+    parse_shard_size,
     provenance_config,
     read_json,
 )
@@ -135,9 +136,11 @@ def push_task_vector(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str | None = None,
-    max_shard_size: int | None = None,
+    max_shard_size: int | str | None = None,
 ) -> str:
     """``save_pretrained`` into a temp dir, ``create_repo(exist_ok=True)``, ``upload_folder``; returns the commit SHA."""
+    if max_shard_size is not None:
+        max_shard_size = parse_shard_size(max_shard_size)  # a bad size fails before the repo is created
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = repo_url.repo_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -151,12 +152,38 @@ def read_json(path: Path, source: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- writing
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes from an int or a size string as ``PreTrainedModel.save_pretrained`` reads it ("5GB", "500MiB").
+
+    As in transformers, KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB powers of 2, and a lower-case
+    final ``b`` ("5Gb") means bits.
+    """
+    match = _SIZE.fullmatch(size.strip()) if isinstance(size, str) else None
+    if isinstance(size, int) and not isinstance(size, bool):
+        nbytes = size
+    elif match:
+        unit = match.group(2) or ""
+        nbytes = int(float(match.group(1)) * _UNITS[unit[:-1].upper()])
+        nbytes = nbytes // 8 if unit.endswith("b") else nbytes
+    else:
+        nbytes = 0
+    if nbytes <= 0:
+        raise TaskVectorError(
+            f"max_shard_size must be a positive number of bytes or a size string, got {size!r}; e.g. '5GB', "
+            "'500MB', '2GiB' or 2000000000."
+        )
+    return nbytes
+
+
 def plan_shards(
-    shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, torch.dtype], max_bytes: int
+    shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, torch.dtype], max_bytes: int | str
 ) -> list[list[str]]:
     """Greedy split of names into shards of at most ``max_bytes`` (a tensor larger than that is alone)."""
-    if max_bytes <= 0:
-        raise TaskVectorError(f"max_shard_size must be positive bytes, got {max_bytes}.")
+    max_bytes = parse_shard_size(max_bytes)
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -180,7 +207,7 @@ def write_tensors(
     dtypes: Mapping[str, torch.dtype],
     config: dict[str, Any],
     *,
-    max_shard_size: int,
+    max_shard_size: int | str,
     dtype: torch.dtype | None,
 ) -> None:
     """Write ``tensors`` (read lazily, one shard in memory at a time), the index and the config JSON."""

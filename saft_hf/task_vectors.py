@@ -32,6 +32,7 @@ from .task_vector_io import (
     SafetensorsStore,
     TaskVectorError,
     fingerprint,
+    parse_shard_size,
     read_head,
     read_json,
     write_head,
@@ -340,12 +341,13 @@ class TaskVector(Mapping[str, Tensor]):
         self,
         save_directory: str | os.PathLike,
         *,
-        max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
         dtype: torch.dtype | None = None,
         model_card: bool = True,
     ) -> Path:
-        """Write tensors (sharded past ``max_shard_size`` bytes), config, head and card atomically."""
+        """Write tensors (sharded past ``max_shard_size``: bytes or "5GB"-style), config, head and card atomically."""
         target = Path(save_directory)
+        max_shard_size = parse_shard_size(max_shard_size)  # before anything is written
         with atomic_output_dir(target, overwrite=True) as tmp:
             self._write(tmp, max_shard_size=max_shard_size, dtype=dtype)
             if model_card:
@@ -354,7 +356,7 @@ class TaskVector(Mapping[str, Tensor]):
                 make_model_card(self).save(tmp / "README.md")
         return target
 
-    def _write(self, directory: Path, *, max_shard_size: int, dtype: torch.dtype | None) -> None:
+    def _write(self, directory: Path, *, max_shard_size: int | str, dtype: torch.dtype | None) -> None:
         write_tensors(
             directory, self, self.shapes, self.dtypes, dict(self.config), max_shard_size=max_shard_size, dtype=dtype
         )
@@ -369,7 +371,7 @@ class TaskVector(Mapping[str, Tensor]):
         private: bool | None = None,
         token: str | None = None,
         commit_message: str | None = None,
-        max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
     ) -> str:
         """Save to a temp dir and ``upload_folder`` it to ``repo_id`` (created if needed); returns the commit SHA."""
         from .hub import push_task_vector

@@ -189,6 +189,25 @@ def test_sharded_save_writes_index_and_round_trips(vectors: tuple[TaskVector, Ta
     assert all(torch.equal(loaded[n], a[n]) for n in a)
 
 
+@pytest.mark.parametrize(("text", "nbytes"), [("8kB", 8_000), ("8KB", 8_000), ("8KiB", 8_192), ("0.008MB", 8_000), ("8000", 8_000)])
+def test_max_shard_size_accepts_hf_size_strings(
+    vectors: tuple[TaskVector, TaskVector], tmp_path: Path, text: str, nbytes: int
+) -> None:
+    a, _ = vectors
+    from_int = a.save_pretrained(tmp_path / "int", max_shard_size=nbytes, model_card=False)
+    from_text = a.save_pretrained(tmp_path / "text", max_shard_size=text, model_card=False)
+    assert (from_text / INDEX_NAME).read_text() == (from_int / INDEX_NAME).read_text()
+    assert all(torch.equal(TaskVector.from_pretrained(from_text)[n], a[n]) for n in a)
+
+
+@pytest.mark.parametrize("bad", ["5 parsecs", "GB", "-5GB", "0", 0, -1, True, 1.5])
+def test_bad_max_shard_size_is_a_clear_error(vectors: tuple[TaskVector, TaskVector], tmp_path: Path, bad: object) -> None:
+    a, _ = vectors
+    with pytest.raises(TaskVectorError, match=r"max_shard_size.*e\.g\. '5GB'"):
+        a.save_pretrained(tmp_path / "tv", max_shard_size=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "tv").exists()
+
+
 def test_save_can_cast_dtype(vectors: tuple[TaskVector, TaskVector], tmp_path: Path) -> None:
     a, _ = vectors
     loaded = TaskVector.from_pretrained(a.save_pretrained(tmp_path / "tv", dtype=torch.float16))
