@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,8 +69,12 @@ tensors, {{ num_parameters }} parameters, stored in safetensors.
 ## How to merge it
 
 ```bash
-saft-merge --base {{ base_model }} --repos {{ repo_id }} <other task vectors> --method ties
+{{ merge_command }}
 ```
+
+Replace `{{ other_placeholder }}` with the other task vectors (Hub ids or folders, comma-separated, fine-tuned
+from the same base){% if base_recorded %}; the base model and its revision are read from the task vectors{% else %}
+and `BASE_MODEL` with the pre-trained model{% endif %}. `saft-merge --help` lists every method and option.
 
 ```python
 from saft_hf import TaskVector
@@ -84,6 +89,17 @@ less when merged.
 
 
 # ----------------------------------------------------------------------------- model card
+OTHER_PLACEHOLDER = "OWNER/OTHER_TASK_VECTOR"
+
+
+def merge_command(repo: str, base_recorded: bool) -> str:
+    """The ``saft-merge`` line a card shows: it runs once the placeholder(s) are replaced (tested)."""
+    argv = ["saft-merge", "--repos", f"{repo},{OTHER_PLACEHOLDER}"]
+    argv += [] if base_recorded else ["--base", "BASE_MODEL"]
+    argv += ["--method", "ties", "--scaling", "1.0", "--output", "merged"]
+    return shlex.join(argv)
+
+
 def _is_hub_id(name: str | None) -> bool:
     """True for a Hub repo id such as ``openai/clip-vit-base-patch32``, False for a local path or nothing."""
     if not name or Path(name).exists():
@@ -111,6 +127,7 @@ def make_model_card(vector: TaskVector, repo_id: str | None = None) -> ModelCard
         metrics=sorted(metrics) or None,
     )
     hyper = finetuning.get("hyperparameters") or {}
+    repo = repo_id or config.get("repo_id") or "OWNER/THIS_TASK_VECTOR"
     return ModelCard.from_template(
         card_data,
         template_str=_CARD_TEMPLATE,
@@ -118,7 +135,10 @@ def make_model_card(vector: TaskVector, repo_id: str | None = None) -> ModelCard
         base_model=base_model or "<base model>",
         base_on_hub=base_on_hub,
         base_revision=config.get("base_model_revision"),
-        repo_id=repo_id or config.get("repo_id") or "<this repo>",
+        repo_id=repo,
+        merge_command=merge_command(repo, base_recorded=bool(base_model)),
+        other_placeholder=OTHER_PLACEHOLDER,
+        base_recorded=bool(base_model),
         method=finetuning.get("method", "unknown"),
         hyperparameters=", ".join(f"{k}={v}" for k, v in sorted(hyper.items())),
         datasets=list(datasets),

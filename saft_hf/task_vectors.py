@@ -353,7 +353,7 @@ class TaskVector(Mapping[str, Tensor]):
             if model_card:
                 from .hub import make_model_card
 
-                make_model_card(self).save(tmp / "README.md")
+                make_model_card(self, repo_id=self.config.get("repo_id") or str(target)).save(tmp / "README.md")
         return target
 
     def _write(self, directory: Path, *, max_shard_size: int | str, dtype: torch.dtype | None) -> None:

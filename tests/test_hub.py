@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -221,3 +222,49 @@ def test_sharded_lora_adapter_round_trips_through_the_hub_cache(hub_env, tmp_pat
     loaded = load_task_vector("user/lora-sharded", base=base)
     assert set(loaded) == set(expected) and all(torch.equal(loaded[n], expected[n]) for n in expected)
     _assert_cache_links("user/lora-sharded", "adapter_model-*.safetensors")
+
+
+# ----------------------------------------------------------------------------- the card's merge command runs
+OTHER = "OWNER/OTHER_TASK_VECTOR"
+
+
+def _card_merge_command(card_text: str) -> list[str]:
+    """The ``saft-merge ...`` line of the card's bash block, split as a shell would."""
+    import re
+    import shlex
+
+    [block] = re.findall(r"```bash\n(.*?)```", card_text, flags=re.DOTALL)
+    [line] = [line for line in block.splitlines() if line.startswith("saft-merge ")]
+    return shlex.split(line)
+
+
+def _tower_vector(base_dir: Path, seed: int) -> TaskVector:
+    from saft_hf.clip import load_vision_tower
+
+    base = load_vision_tower(base_dir)
+    return TaskVector.from_models(base, _perturbed(base, seed), config={"task": f"task{seed}", "base_model": str(base_dir)})
+
+
+def test_card_merge_command_of_a_pushed_vector_runs(hub_env, tiny_clip_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from saft_hf.cli.merge import main
+
+    _tower_vector(tiny_clip_dir, 1).push_to_hub("user/tv-card-runs", token=hub_env.token)
+    other = _tower_vector(tiny_clip_dir, 2).save_pretrained(tmp_path / "other")
+    argv = _card_merge_command(ModelCard.load("user/tv-card-runs").text)
+    assert argv[0] == "saft-merge" and any(OTHER in arg for arg in argv)
+    argv = [arg.replace(OTHER, str(other)) for arg in argv]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[1:] + ["--no-progress"]) == 0  # the console script's entry point, in process
+    merged = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert [r["repo"] for r in merged["repos"]] == ["user/tv-card-runs", str(other)]
+
+
+def test_card_merge_command_of_a_saved_vector_runs(tiny_clip_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from saft_hf.cli.merge import main
+
+    folder = _tower_vector(tiny_clip_dir, 3).save_pretrained(tmp_path / "tv with space")
+    other = _tower_vector(tiny_clip_dir, 4).save_pretrained(tmp_path / "other")
+    argv = _card_merge_command((folder / "README.md").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main([arg.replace(OTHER, str(other)) for arg in argv[1:]] + ["--no-progress"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
