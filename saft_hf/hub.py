@@ -37,6 +37,7 @@ from .task_vector_io import (
     SafetensorsStore,
     TaskVectorError,
     parse_shard_size,
+    plain_value,
     provenance_config,
     read_json,
 )
@@ -113,7 +114,7 @@ def _is_hub_id(name: str | None) -> bool:
 
 def make_model_card(vector: TaskVector, repo_id: str | None = None) -> ModelCard:
     """A ``ModelCard`` with Hub metadata (library, base model, tags, datasets, metrics) and a merge snippet."""
-    config = vector.config
+    config = plain_value(vector.config)
     finetuning = config.get("finetuning") or {}
     metrics = config.get("metrics") or {}
     datasets = config.get("datasets") or ([config["dataset"]] if config.get("dataset") else [])

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,17 @@ def fingerprint(shapes: Mapping[str, Sequence[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def plain_value(value: Any) -> Any:
+    """``value`` with enums (e.g. transformers' ``SchedulerType.COSINE``) replaced by their plain values, recursively."""
+    if isinstance(value, Enum):
+        return plain_value(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    return value
+
+
 def provenance_config(
     *,
     task: str | None = None,
@@ -75,10 +87,10 @@ def provenance_config(
         if value is not None:
             config[key] = value
     if method is not None or hyperparameters:
-        config["finetuning"] = {"method": method or "unknown", "hyperparameters": dict(hyperparameters or {})}
+        config["finetuning"] = {"method": method or "unknown", "hyperparameters": plain_value(hyperparameters or {})}
     if metrics:
         config["metrics"] = dict(metrics)
-    config.update(extra)
+    config.update(plain_value(extra))
     return config
 
 
@@ -230,7 +242,7 @@ def write_tensors(
         total = sum(os.path.getsize(directory / f) for f in set(weight_map.values()))
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index_json, indent=2))
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    (directory / CONFIG_NAME).write_text(json.dumps(plain_value(config), indent=2, sort_keys=True, default=str))
 
 
 def write_head(

@@ -268,3 +268,23 @@ def test_card_merge_command_of_a_saved_vector_runs(tiny_clip_dir: Path, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main([arg.replace(OTHER, str(other)) for arg in argv[1:]] + ["--no-progress"]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_card_and_config_print_plain_values_for_enum_hyperparameters(tmp_path: Path) -> None:
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from saft_hf import provenance_config
+    from saft_hf.hub import make_model_card
+
+    hyper = {"lr_scheduler_type": SchedulerType.COSINE, "optim": OptimizerNames.ADAMW_TORCH, "learning_rate": 1e-5}
+    for config in (provenance_config(task="mnist", method="sam", hyperparameters=hyper),
+                   {"task": "mnist", "finetuning": {"method": "sam", "hyperparameters": hyper}}):  # fmt: skip
+        vector = TaskVector({"w": torch.ones(2)}, config)
+        texts = [make_model_card(vector).text, (vector.save_pretrained(tmp_path / "tv") / "README.md").read_text()]
+        texts.append((tmp_path / "tv" / CONFIG_NAME).read_text())
+        for text in texts:
+            assert "SchedulerType" not in text and "OptimizerNames" not in text
+        assert "lr_scheduler_type=cosine" in texts[0] and "optim=adamw_torch" in texts[1]
+        saved = json.loads(texts[2])["finetuning"]["hyperparameters"]
+        assert saved["lr_scheduler_type"] == "cosine" and saved["optim"] == "adamw_torch"
