@@ -10,8 +10,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-from saft_hf.hub import load_task_vector
-from saft_hf.task_vectors import CONFIG_NAME, TaskVector, TaskVectorError
+from saft_hf.task_vectors import CONFIG_NAME, TaskVector, TaskVectorError, load_task_vector
 
 CONFIG = {
     "base_model": "openai/clip-vit-base-patch32",

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 import saft_hf.task_vector_io as tv_module
-from saft_hf.hub import load_task_vector, load_task_vectors
 from saft_hf.task_vectors import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -24,6 +23,8 @@ from saft_hf.task_vectors import (
     TaskVectorError,
     add_scaled_,
     check_compatible,
+    load_task_vector,
+    load_task_vectors,
 )
 
 
