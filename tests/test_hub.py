@@ -11,6 +11,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 
 from saft_hf.task_vectors import CONFIG_NAME, TaskVector, TaskVectorError, load_task_vector
+from tests.tiny_models import perturbed, tiny_tower
 
 CONFIG = {
     "base_model": "openai/clip-vit-base-patch32",
@@ -138,28 +139,6 @@ def test_hub_env_points_huggingface_hub_at_the_loopback_server(hub_env) -> None:
 
 
 # ----------------------------------------------------------------------------- sharded repos from the Hub cache
-def _tiny_tower(seed: int) -> torch.nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=8, projection_dim=16,
-    )  # fmt: skip
-    return CLIPVisionModelWithProjection(config).eval()
-
-
-def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    import copy
-
-    other = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in other.parameters():
-            param.add_(0.01 * torch.randn(param.shape, generator=generator))
-    return other
-
-
 def _upload(folder: Path, repo_id: str, token: str) -> None:
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True)
@@ -184,8 +163,8 @@ def test_sharded_task_vector_round_trips_through_the_hub_cache(hub_env) -> None:
 
 
 def test_sharded_full_model_round_trips_through_the_hub_cache(hub_env, tmp_path: Path) -> None:
-    base = _tiny_tower(0)
-    finetuned = _perturbed(base, 1)
+    base = tiny_tower(0)
+    finetuned = perturbed(base, 1)
     finetuned.save_pretrained(tmp_path / "ft", max_shard_size="20KB")
     assert (tmp_path / "ft" / "model.safetensors.index.json").is_file()
     _upload(tmp_path / "ft", "user/ft-sharded", hub_env.token)
@@ -201,10 +180,10 @@ def test_sharded_lora_adapter_round_trips_through_the_hub_cache(hub_env, tmp_pat
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
-    base = _tiny_tower(0)
+    base = tiny_tower(0)
     torch.manual_seed(3)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(_tiny_tower(0), config).save_pretrained(tmp_path / "single")
+    get_peft_model(tiny_tower(0), config).save_pretrained(tmp_path / "single")
     single = tmp_path / "single"
     whole = load_file(str(single / "adapter_model.safetensors"))
     expected = load_task_vector(single, base=base)
@@ -241,7 +220,7 @@ def _tower_vector(base_dir: Path, seed: int) -> TaskVector:
     from saft_hf.clip import load_vision_tower
 
     base = load_vision_tower(base_dir)
-    return TaskVector.from_models(base, _perturbed(base, seed), config={"task": f"task{seed}", "base_model": str(base_dir)})
+    return TaskVector.from_models(base, perturbed(base, seed), config={"task": f"task{seed}", "base_model": str(base_dir)})
 
 
 def test_card_merge_command_of_a_pushed_vector_runs(hub_env, tiny_clip_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -157,12 +157,12 @@ def test_atomic_outputs_get_the_modes_of_a_plain_mkdir_and_open(tmp_path: Path, 
 
 def test_saved_task_vector_and_classifier_follow_the_umask(tmp_path: Path, umask: int) -> None:
     from saft_hf.clip import CLIPImageClassifier
-    from tests.test_hub import _tiny_tower
+    from tests.tiny_models import tiny_tower
 
     TaskVector({"w": torch.ones(3)}, {"task": "x"}).save_pretrained(tmp_path / "tv", max_shard_size=8)
     _assert_umask_modes(tmp_path / "tv", umask)
     head = ZeroShotHead.from_prototypes(torch.randn(3, 16), ["a", "b", "c"])
-    CLIPImageClassifier(_tiny_tower(0), head).save_pretrained(tmp_path / "clf")
+    CLIPImageClassifier(tiny_tower(0), head).save_pretrained(tmp_path / "clf")
     _assert_umask_modes(tmp_path / "clf", umask)
 
 

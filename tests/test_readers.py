@@ -15,6 +15,7 @@ from torch import nn
 import saft_hf
 from saft_hf.readers import layout_key, layout_map
 from saft_hf.task_vectors import TaskVector, load_task_vector, load_task_vectors
+from tests.tiny_models import perturbed
 
 PACKAGE = Path(saft_hf.__file__).parent
 # lower layers first: a module may import only modules listed before it
@@ -48,15 +49,6 @@ def _config(**extra: object):
                             image_size=32, patch_size=8, projection_dim=16, **extra)  # fmt: skip
 
 
-def _perturb(model: nn.Module, seed: int) -> nn.Module:
-    other = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in other.parameters():
-            param.add_(0.01 * torch.randn(param.shape, generator=generator))
-    return other
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A full tiny ``CLIPModel`` (vision_model./text_model./projections)."""
@@ -75,7 +67,7 @@ def towers(clip_dir: Path) -> dict[str, nn.Module]:
     with_projection = load_vision_tower(clip_dir)
     vision = CLIPVisionModel(with_projection.config)  # transformers 5: embeddings.…, no vision_model. prefix
     vision.load_state_dict({layout_key(k): v for k, v in with_projection.state_dict().items() if k.startswith("vision_model.")})
-    return {"with_projection": with_projection, "vision": vision.eval(), "finetuned": _perturb(vision.eval(), 7)}
+    return {"with_projection": with_projection, "vision": vision.eval(), "finetuned": perturbed(vision.eval(), 7)}
 
 
 def _save_tower(model: nn.Module, directory: Path, prefix: str) -> Path:
@@ -139,7 +131,7 @@ def test_saft_merge_merges_a_finetuned_clip_vision_model_against_a_clip_model_ba
     from saft_hf.cli.merge import main
     from saft_hf.clip import load_vision_tower
 
-    second = _save_tower(_perturb(towers["vision"], 8), tmp_path / "second", "" if saved_by == "transformers5" else "vision_model.")
+    second = _save_tower(perturbed(towers["vision"], 8), tmp_path / "second", "" if saved_by == "transformers5" else "vision_model.")
     output = tmp_path / "merged"
     code = main(["--repos", f"{finetuned_dirs[saved_by]},{second}", "--base", str(clip_dir), "--method", "task_arithmetic",
                  "--scaling", "1.0", "--output", str(output), "--no-progress"])  # fmt: skip
