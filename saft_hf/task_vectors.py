@@ -4,6 +4,9 @@ A ``TaskVector`` is a read-only ``Mapping[str, Tensor]`` (``keys()``, ``__getite
 ``__iter__``), so merge functions treat it and a plain ``dict`` alike. Loaded from disk it is lazy:
 ``names``/``shapes`` come from safetensors headers and ``tv[name]`` memory-maps one tensor.
 Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) define τ = θ_ft − θ_pre.
+
+Imports run one way: ``task_vector_io`` (format) ← ``readers`` (repo kinds) and ``hub`` (transport,
+cards) ← this module (``TaskVector``, ``load_task_vector(s)``, ``load_base_state``) ← pipeline, CLI.
 """
 
 from __future__ import annotations
