@@ -190,3 +190,28 @@ def test_from_pretrained_dispatches_to_every_repo_kind(towers: dict[str, nn.Modu
     (tmp_path / "none" / "notes.json").write_text(json.dumps({}))
     with pytest.raises(saft_hf.TaskVectorError, match="adapter_config.json"):
         TaskVector.from_pretrained(tmp_path / "none")
+
+
+def test_saft_merge_without_base_merges_lora_adapters_made_on_clip_vision_model(
+    clip_dir: Path, towers: dict[str, nn.Module], tmp_path: Path
+) -> None:
+    """The adapters record the CLIPModel base; their transformers-5 names are put in its layout before the check."""
+    from peft import LoraConfig, get_peft_model
+
+    from saft_hf.cli.merge import main
+
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+        get_peft_model(copy.deepcopy(towers["vision"]), config).save_pretrained(tmp_path / f"adapter{seed}")
+        adapters.append(tmp_path / f"adapter{seed}")
+    assert json.loads((adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"] == str(clip_dir)
+    code = main(["--repos", ",".join(map(str, adapters)), "--method", "task_arithmetic", "--scaling", "1.0",
+                 "--output", str(tmp_path / "merged"), "--no-progress"])  # fmt: skip
+    assert code == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    name = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    taus = [load_task_vector(a, base=saft_hf.load_base_state(clip_dir)) for a in adapters]
+    base = saft_hf.load_base_state(clip_dir)[name]
+    torch.testing.assert_close(merged[name], base + taus[0][name] + taus[1][name], atol=1e-5, rtol=0)
