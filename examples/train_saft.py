@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from accelerate import PartialState
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, HfArgumentParser
+from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser
 from transformers.utils.hub import cached_file, extract_commit_hash
 
 from saft_hf import sam
@@ -32,6 +32,7 @@ from saft_hf.clip import (
     build_zero_shot_head,
     collate_image_batch,
     evaluate_accuracy,
+    load_clip_model,
     load_vision_tower,
 )
 from saft_hf.metrics import load_accuracy
@@ -135,7 +136,7 @@ def load_or_build_head(spec: TaskSpec, script_args: ScriptArguments, head_dir: P
         head.check_classnames(spec.classnames, what=f"task {spec.name!r}")
         return head
     model_id = script_args.model_name_or_path
-    clip = CLIPModel.from_pretrained(model_id, cache_dir=script_args.cache_dir)
+    clip = load_clip_model(model_id, cache_dir=script_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_id, cache_dir=script_args.cache_dir)
     head = build_zero_shot_head(clip, tokenizer, spec.classnames, spec.templates, task=spec.name)
     head.save_pretrained(head_dir)

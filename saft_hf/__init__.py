@@ -22,9 +22,9 @@ _LAZY: dict[str, str] = {
     "IncompatibleTaskVectorError": "task_vectors",
     "CorruptedTaskVectorError": "task_vectors",
     "provenance_config": "task_vector_io",
-    "load_task_vector": "hub",
-    "load_task_vectors": "hub",
-    "load_base_state": "hub",
+    "load_task_vector": "task_vectors",
+    "load_task_vectors": "task_vectors",
+    "load_base_state": "task_vectors",
     "push_task_vector": "hub",
     "make_model_card": "hub",
     # CLIP on the merging tasks
@@ -36,6 +36,7 @@ _LAZY: dict[str, str] = {
     "build_zero_shot_head": "clip",
     "CLIPImageClassifier": "clip",
     "load_vision_tower": "clip",
+    "load_clip_model": "clip",
     "evaluate_accuracy": "clip",
     "collate_image_batch": "clip",
     # merging
@@ -68,13 +69,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .hub import (  # noqa: F401
-        load_base_state,
-        load_task_vector,
-        load_task_vectors,
-        make_model_card,
-        push_task_vector,
-    )
+    from .hub import make_model_card, push_task_vector  # noqa: F401
     from .task_vector_io import provenance_config  # noqa: F401
     from .task_vectors import (  # noqa: F401
         CorruptedTaskVectorError,
@@ -83,5 +78,8 @@ if TYPE_CHECKING:  # pragma: no cover
         TaskVectorError,
         add_scaled_,
         check_compatible,
+        load_base_state,
+        load_task_vector,
+        load_task_vectors,
     )
     from .trainer import SAMTrainer, SAMTrainingArguments  # noqa: F401

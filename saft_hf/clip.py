@@ -25,6 +25,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as transformers_logging
 
 from .io_utils import atomic_output_dir, atomic_save_file, atomic_write_json
+from .readers import require_safetensors
 from .tasks.registry import Template, fill_template
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "collate_image_batch",
     "evaluate_accuracy",
     "load_task_vector_head",
+    "load_clip_model",
 ]
 
 HEAD_WEIGHTS_NAME = "head.safetensors"
@@ -162,7 +164,7 @@ def build_zero_shot_head(
         if tokenizer is None:
             raise ValueError("build_zero_shot_head got a model but no tokenizer; pass the model's CLIP tokenizer.")
     else:
-        model = CLIPModel.from_pretrained(clip_model_or_path)
+        model = load_clip_model(clip_model_or_path)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(clip_model_or_path)
     if not classnames or not templates:
         raise ValueError(f"need class names and templates, got {len(classnames)} and {len(templates)}.")
@@ -184,12 +186,26 @@ def build_zero_shot_head(
 
 
 # ----------------------------------------------------------------------------- classifier
+def _safetensors_only(path: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that never fall back to pickled weights; a local folder without them is refused."""
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("use_safetensors=False would read pickled weights; saft-hf reads safetensors only.")
+    require_safetensors(path, kwargs.get("subfolder") or "")
+    return {**kwargs, "use_safetensors": True}
+
+
+def load_clip_model(model_name_or_path: str | os.PathLike, **kwargs: Any) -> CLIPModel:
+    """A full ``CLIPModel`` (Hub id or folder) from safetensors only, never from pickled ``*.bin`` weights."""
+    return CLIPModel.from_pretrained(model_name_or_path, **_safetensors_only(model_name_or_path, kwargs))
+
+
 def load_vision_tower(model_name_or_path: str | os.PathLike, **kwargs: Any) -> CLIPVisionModelWithProjection:
     """``CLIPVisionModelWithProjection`` from a full CLIP checkpoint (Hub id or dir) or a vision-only one.
 
     For a full checkpoint the vision config gets the top-level ``projection_dim``, which the vision
-    sub-config does not always carry.
+    sub-config does not always carry. Weights are read from safetensors only.
     """
+    kwargs = _safetensors_only(model_name_or_path, kwargs)
     config_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
     if not isinstance(config, CLIPConfig):
@@ -261,7 +277,8 @@ class CLIPImageClassifier(nn.Module):
                 f"{str(directory)!r} has no {VISION_SUBFOLDER}/; use CLIPImageClassifier.from_clip(model_id, head) "
                 "for a CLIP checkpoint."
             )
-        vision_model = CLIPVisionModelWithProjection.from_pretrained(directory / VISION_SUBFOLDER, **kwargs)
+        vision_path = directory / VISION_SUBFOLDER
+        vision_model = CLIPVisionModelWithProjection.from_pretrained(vision_path, **_safetensors_only(vision_path, kwargs))
         return cls(vision_model, ZeroShotHead.from_pretrained(directory))
 
 

@@ -1,7 +1,9 @@
 """Atomic outputs: files and folders appear complete or not at all, never half written.
 
 Everything is written to a temporary path beside the target (same file system) and renamed into
-place, so an interrupted run never replaces a good output with a partial one.
+place, so an interrupted run never replaces a good output with a partial one. Before the rename the
+output gets the modes a plain ``mkdir``/``open`` would give under the user's umask: temp folders
+start private (0700) and safetensors writes files 0600, which must not leak into final outputs.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import stat
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,11 +20,50 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["atomic_file", "atomic_output_dir", "atomic_save_file", "atomic_write_json", "atomic_write_text", "replace_dir"]
+__all__ = [
+    "apply_umask_modes",
+    "atomic_file",
+    "atomic_output_dir",
+    "atomic_save_file",
+    "atomic_write_json",
+    "atomic_write_text",
+    "current_umask",
+    "replace_dir",
+]
 
 
 def _temp_beside(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only a fallback)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the modes of a plain mkdir/open: 0777/0666 & ~umask.
+
+    Files keep execute bits only if they had them; links are left alone.
+    """
+    mask = current_umask()
+    root = Path(path)
+    entries = [root, *root.rglob("*")] if root.is_dir() and not root.is_symlink() else [root]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode
+        executable = stat.S_ISDIR(mode) or mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
 
 
 def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -59,11 +100,13 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False) -> Ite
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{str(target)!r} exists and is not a folder; choose another output path.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _temp_beside(target, ".tmp")
+    tmp.mkdir(mode=0o700)  # private while incomplete; apply_umask_modes opens it up before the rename
     try:
         yield tmp
         if target.exists() and not overwrite:  # created by someone else meanwhile
             raise FileExistsError(f"output folder {str(target)!r} appeared while writing; not replacing it.")
+        apply_umask_modes(tmp)
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +120,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_beside(path, ".tmp")
     try:
         yield tmp
+        apply_umask_modes(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,17 @@ def fingerprint(shapes: Mapping[str, Sequence[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def plain_value(value: Any) -> Any:
+    """``value`` with enums (e.g. transformers' ``SchedulerType.COSINE``) replaced by their plain values, recursively."""
+    if isinstance(value, Enum):
+        return plain_value(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    return value
+
+
 def provenance_config(
     *,
     task: str | None = None,
@@ -74,10 +87,10 @@ def provenance_config(
         if value is not None:
             config[key] = value
     if method is not None or hyperparameters:
-        config["finetuning"] = {"method": method or "unknown", "hyperparameters": dict(hyperparameters or {})}
+        config["finetuning"] = {"method": method or "unknown", "hyperparameters": plain_value(hyperparameters or {})}
     if metrics:
         config["metrics"] = dict(metrics)
-    config.update(extra)
+    config.update(plain_value(extra))
     return config
 
 
@@ -137,24 +150,6 @@ class SafetensorsStore:
             ) from err
 
 
-def safe_member(directory: Path, filename: str, source: str) -> str:
-    """Reject index entries that would point outside the task-vector directory (``..``, absolute)."""
-    if not isinstance(filename, str) or not filename:
-        raise CorruptedTaskVectorError(f"index of {source} has an invalid file name {filename!r}.")
-    pure = Path(filename)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in filename or os.path.isabs(filename):
-        raise CorruptedTaskVectorError(
-            f"index of {source} maps a tensor to {filename!r}, which is outside the task-vector directory; "
-            "refusing to read it (only plain relative file names are allowed)."
-        )
-    resolved = (directory / pure).resolve()
-    if directory.resolve() not in resolved.parents:
-        raise CorruptedTaskVectorError(
-            f"index of {source} maps a tensor to {filename!r}, which resolves outside {directory}."
-        )
-    return filename
-
-
 def read_json(path: Path, source: str) -> dict[str, Any]:
     """A JSON object from ``path``, or a CorruptedTaskVectorError naming the file of ``source``."""
     try:
@@ -168,27 +163,39 @@ def read_json(path: Path, source: str) -> dict[str, Any]:
     return data
 
 
-def weight_map_of(directory: Path, source: str, weights: str, index: str) -> dict[str, str] | None:
-    """Tensor → file map of a safetensors checkpoint (single file or sharded index), or None if neither."""
-    if (directory / index).is_file():
-        weight_map = read_json(directory / index, source).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CorruptedTaskVectorError(f"{index} of {source} has no 'weight_map'; re-download it.")
-        return {n: safe_member(directory, f, source) for n, f in weight_map.items()}
-    if (directory / weights).is_file():
-        store = SafetensorsStore(directory, {}, source)
-        with store.open(weights) as handle:
-            return dict.fromkeys(handle.keys(), weights)
-    return None
-
-
 # ----------------------------------------------------------------------------- writing
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes from an int or a size string as ``PreTrainedModel.save_pretrained`` reads it ("5GB", "500MiB").
+
+    As in transformers, KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB powers of 2, and a lower-case
+    final ``b`` ("5Gb") means bits.
+    """
+    match = _SIZE.fullmatch(size.strip()) if isinstance(size, str) else None
+    if isinstance(size, int) and not isinstance(size, bool):
+        nbytes = size
+    elif match:
+        unit = match.group(2) or ""
+        nbytes = int(float(match.group(1)) * _UNITS[unit[:-1].upper()])
+        nbytes = nbytes // 8 if unit.endswith("b") else nbytes
+    else:
+        nbytes = 0
+    if nbytes <= 0:
+        raise TaskVectorError(
+            f"max_shard_size must be a positive number of bytes or a size string, got {size!r}; e.g. '5GB', "
+            "'500MB', '2GiB' or 2000000000."
+        )
+    return nbytes
+
+
 def plan_shards(
-    shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, torch.dtype], max_bytes: int
+    shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, torch.dtype], max_bytes: int | str
 ) -> list[list[str]]:
     """Greedy split of names into shards of at most ``max_bytes`` (a tensor larger than that is alone)."""
-    if max_bytes <= 0:
-        raise TaskVectorError(f"max_shard_size must be positive bytes, got {max_bytes}.")
+    max_bytes = parse_shard_size(max_bytes)
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -212,7 +219,7 @@ def write_tensors(
     dtypes: Mapping[str, torch.dtype],
     config: dict[str, Any],
     *,
-    max_shard_size: int,
+    max_shard_size: int | str,
     dtype: torch.dtype | None,
 ) -> None:
     """Write ``tensors`` (read lazily, one shard in memory at a time), the index and the config JSON."""
@@ -235,7 +242,7 @@ def write_tensors(
         total = sum(os.path.getsize(directory / f) for f in set(weight_map.values()))
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index_json, indent=2))
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    (directory / CONFIG_NAME).write_text(json.dumps(plain_value(config), indent=2, sort_keys=True, default=str))
 
 
 def write_head(

@@ -4,6 +4,9 @@ A ``TaskVector`` is a read-only ``Mapping[str, Tensor]`` (``keys()``, ``__getite
 ``__iter__``), so merge functions treat it and a plain ``dict`` alike. Loaded from disk it is lazy:
 ``names``/``shapes`` come from safetensors headers and ``tv[name]`` memory-maps one tensor.
 Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) define τ = θ_ft − θ_pre.
+
+Imports run one way: ``task_vector_io`` (format) ← ``readers`` (repo kinds) and ``hub`` (transport,
+cards) ← this module (``TaskVector``, ``load_task_vector(s)``, ``load_base_state``) ← pipeline, CLI.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .hub import make_model_card, push_task_vector, resolve_repo
 from .io_utils import atomic_output_dir
+from .readers import RenamedStore, TensorStore, layout_map, open_checkpoint, read_repo
 from .task_vector_io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_BYTES,
@@ -28,12 +33,10 @@ from .task_vector_io import (
     WEIGHTS_NAME,
     CorruptedTaskVectorError,
     IncompatibleTaskVectorError,
-    SafetensorsStore,
     TaskVectorError,
     fingerprint,
+    parse_shard_size,
     read_head,
-    read_json,
-    weight_map_of,
     write_head,
     write_tensors,
 )
@@ -51,6 +54,9 @@ __all__ = [
     "add_scaled_",
     "check_compatible",
     "fingerprint",
+    "load_base_state",
+    "load_task_vector",
+    "load_task_vectors",
 ]
 
 # ----------------------------------------------------------------------------- in-place writer
@@ -152,7 +158,7 @@ class TaskVector(Mapping[str, Tensor]):
         class_names: Sequence[str] | None = None,
         head_dir: str | os.PathLike | None = None,
         check_finite: bool = True,
-        _store: SafetensorsStore | None = None,
+        _store: TensorStore | None = None,
     ) -> None:
         if (tensors is None) == (_store is None):
             raise TaskVectorError("TaskVector needs a mapping of tensors, e.g. TaskVector({'w': delta}).")
@@ -340,21 +346,20 @@ class TaskVector(Mapping[str, Tensor]):
         self,
         save_directory: str | os.PathLike,
         *,
-        max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
         dtype: torch.dtype | None = None,
         model_card: bool = True,
     ) -> Path:
-        """Write tensors (sharded past ``max_shard_size`` bytes), config, head and card atomically."""
+        """Write tensors (sharded past ``max_shard_size``: bytes or "5GB"-style), config, head and card atomically."""
         target = Path(save_directory)
+        max_shard_size = parse_shard_size(max_shard_size)  # before anything is written
         with atomic_output_dir(target, overwrite=True) as tmp:
             self._write(tmp, max_shard_size=max_shard_size, dtype=dtype)
             if model_card:
-                from .hub import make_model_card
-
-                make_model_card(self).save(tmp / "README.md")
+                make_model_card(self, repo_id=self.config.get("repo_id") or str(target)).save(tmp / "README.md")
         return target
 
-    def _write(self, directory: Path, *, max_shard_size: int, dtype: torch.dtype | None) -> None:
+    def _write(self, directory: Path, *, max_shard_size: int | str, dtype: torch.dtype | None) -> None:
         write_tensors(
             directory, self, self.shapes, self.dtypes, dict(self.config), max_shard_size=max_shard_size, dtype=dtype
         )
@@ -369,11 +374,9 @@ class TaskVector(Mapping[str, Tensor]):
         private: bool | None = None,
         token: str | None = None,
         commit_message: str | None = None,
-        max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
     ) -> str:
         """Save to a temp dir and ``upload_folder`` it to ``repo_id`` (created if needed); returns the commit SHA."""
-        from .hub import push_task_vector
-
         return push_task_vector(
             self,
             repo_id,
@@ -393,46 +396,31 @@ class TaskVector(Mapping[str, Tensor]):
         cache_dir: str | os.PathLike | None = None,
         force_download: bool = False,
         check_finite: bool = True,
+        base: Mapping[str, Tensor] | None = None,
+        base_id: str | None = None,
     ) -> TaskVector:
-        """Open a task vector lazily from a local directory or a Hub repo (safetensors only)."""
-        path = Path(repo_or_dir)
-        if path.is_dir():
-            return cls._from_directory(path, source=str(path), check_finite=check_finite)
-        from .hub import download_repo
+        """Open a task vector lazily from a local folder or a Hub repo (safetensors only).
 
-        directory, source = download_repo(
-            str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir, force_download=force_download
+        The folder may hold a saft-hf task vector, a PEFT LoRA adapter or, given ``base`` (a state dict
+        or name → shape mapping), a full fine-tuned model; with ``base`` the names follow its layout.
+        """
+        directory, source = resolve_repo(
+            repo_or_dir, revision=revision, token=token, cache_dir=cache_dir, force_download=force_download
         )
-        return cls._from_directory(directory, source=source, check_finite=check_finite)
+        contents = read_repo(directory, source, base=base, base_id=base_id)
+        return cls(config=contents.config, head_dir=contents.head_dir, check_finite=check_finite, _store=contents.store)
 
-    @classmethod
-    def _from_directory(cls, directory: Path, *, source: str, check_finite: bool = True) -> TaskVector:
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise TaskVectorError(
-                f"{source} has no {CONFIG_NAME}, so it is not a saft-hf task vector; use "
-                "load_task_vector(...) for full fine-tuned models or PEFT adapters."
-            )
-        config = read_json(config_path, source)
-        version = config.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise TaskVectorError(
-                f"{source} has task-vector format_version {version!r}; this saft-hf reads up to "
-                f"{FORMAT_VERSION}: upgrade saft-hf."
-            )
-        weight_map = weight_map_of(directory, source, WEIGHTS_NAME, INDEX_NAME)
-        if weight_map is None:
-            raise CorruptedTaskVectorError(
-                f"{source} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; re-download with force_download=True."
-            )
-        store = SafetensorsStore(directory, weight_map, source)
-        if "fingerprint" in config and config["fingerprint"] != fingerprint(store.shapes):
-            raise CorruptedTaskVectorError(
-                f"the tensors of {source} do not match the fingerprint in its {CONFIG_NAME} (files mixed "
-                "from different versions?); re-download with force_download=True."
-            )
-        head_dir = directory if (directory / HEAD_FILES[0]).is_file() else None
-        return cls(config=config, head_dir=head_dir, check_finite=check_finite, _store=store)
+    def to_base_layout(self, base: nn.Module | Mapping[str, Any]) -> TaskVector:
+        """This vector with its names in ``base``'s checkpoint layout (``vision_model.`` or not; readers.layout_map)."""
+        mapping = layout_map(self.names, list(_names_shapes(base)))
+        if all(old == new for old, new in mapping.items()):
+            return self
+        if self._tensors is not None:
+            tensors = {mapping[n]: t for n, t in self._tensors.items()}
+            return TaskVector(tensors, self.config, check_finite=self.check_finite, head=self._head,
+                              class_names=self._class_names, head_dir=self.head_dir)  # fmt: skip
+        store = RenamedStore(self._store, mapping)  # type: ignore[arg-type]
+        return TaskVector(config=self.config, head_dir=self.head_dir, check_finite=self.check_finite, _store=store)
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -505,3 +493,66 @@ def _derived_config(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[st
         if ca.get("base_model_revision") == cb.get("base_model_revision"):
             config["base_model_revision"] = ca.get("base_model_revision")
     return config
+
+
+# ----------------------------------------------------------------------------- loading against a base
+def _base_state(
+    base: nn.Module | Mapping[str, Tensor] | str | os.PathLike | None, base_id: str | None, token: str | None
+) -> tuple[Mapping[str, Tensor] | None, str | None]:
+    if isinstance(base, (str, os.PathLike)):
+        return load_base_state(base, token=token), base_id or str(base)
+    if isinstance(base, nn.Module):
+        return {n: p.detach() for n, p in base.named_parameters()}, base_id
+    return base, base_id
+
+
+def load_base_state(
+    repo_or_dir: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+) -> Mapping[str, Tensor]:
+    """A base model's weights as a lazy ``Mapping[str, Tensor]`` (memory-mapped safetensors)."""
+    directory, source = resolve_repo(repo_or_dir, revision=revision, token=token)
+    store = open_checkpoint(directory, source)
+    return TaskVector(config={"base_model": str(repo_or_dir)}, check_finite=False, _store=store)
+
+
+def load_task_vector(
+    repo_or_dir: str | os.PathLike,
+    *,
+    base: nn.Module | Mapping[str, Tensor] | str | None = None,
+    base_id: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    force_download: bool = False,
+) -> TaskVector:
+    """Load a task-vector, full fine-tuned model or LoRA adapter repo/dir as a lazy ``TaskVector``.
+
+    ``base`` (a model, a state dict, or a repo id/dir) is needed for full models and is used to check
+    names/shapes for every kind; pass the same mapping to many calls to load the base only once.
+    """
+    base_state, base_id = _base_state(base, base_id, token)
+    vector = TaskVector.from_pretrained(
+        repo_or_dir, revision=revision, token=token, force_download=force_download, base=base_state, base_id=base_id
+    )
+    if base_state is not None or base_id is not None:
+        check_compatible([vector], base_state, base_id=base_id)
+    return vector
+
+
+def load_task_vectors(
+    repos: Sequence[str | os.PathLike],
+    *,
+    base: nn.Module | Mapping[str, Tensor] | str | None = None,
+    base_id: str | None = None,
+    revisions: Sequence[str | None] | None = None,
+    token: str | None = None,
+) -> list[TaskVector]:
+    """Load several task vectors against one base (loaded once) and check they are mutually compatible."""
+    if revisions is not None and len(revisions) != len(repos):
+        raise TaskVectorError(f"got {len(repos)} repos but {len(revisions)} revisions; pass one per repo.")
+    base_state, base_id = _base_state(base, base_id, token)
+    vectors = [
+        load_task_vector(repo, base=base_state, base_id=base_id, revision=rev, token=token)
+        for repo, rev in zip(repos, revisions or [None] * len(repos))
+    ]
+    check_compatible(vectors, base_state, base_id=base_id)
+    return vectors

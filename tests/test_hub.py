@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-from saft_hf.hub import load_task_vector
-from saft_hf.task_vectors import CONFIG_NAME, TaskVector, TaskVectorError
+from saft_hf.task_vectors import CONFIG_NAME, TaskVector, TaskVectorError, load_task_vector
+from tests.tiny_models import perturbed, tiny_tower
 
 CONFIG = {
     "base_model": "openai/clip-vit-base-patch32",
@@ -135,3 +136,133 @@ def test_hub_env_points_huggingface_hub_at_the_loopback_server(hub_env) -> None:
     assert not constants.is_offline_mode() and constants.HF_HUB_DISABLE_XET
     assert Path(constants.HF_HUB_CACHE).is_relative_to(hub_env.hf_home)
     assert HfApi().endpoint == hub_env.endpoint
+
+
+# ----------------------------------------------------------------------------- sharded repos from the Hub cache
+def _upload(folder: Path, repo_id: str, token: str) -> None:
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder)
+
+
+def _assert_cache_links(repo_id: str, pattern: str) -> None:
+    """The files were really read from the Hub cache, whose snapshot files link into blobs/."""
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
+    shards = list(snapshot.glob(pattern))
+    assert len(shards) > 1 and all(p.is_symlink() for p in shards)
+
+
+def test_sharded_task_vector_round_trips_through_the_hub_cache(hub_env) -> None:
+    vector = _vector(11)
+    vector.push_to_hub("user/tv-sharded", token=hub_env.token, max_shard_size=2_000)
+    pulled = TaskVector.from_pretrained("user/tv-sharded")
+    assert _same(pulled, vector)
+    _assert_cache_links("user/tv-sharded", "task_vector-*.safetensors")
+
+
+def test_sharded_full_model_round_trips_through_the_hub_cache(hub_env, tmp_path: Path) -> None:
+    base = tiny_tower(0)
+    finetuned = perturbed(base, 1)
+    finetuned.save_pretrained(tmp_path / "ft", max_shard_size="20KB")
+    assert (tmp_path / "ft" / "model.safetensors.index.json").is_file()
+    _upload(tmp_path / "ft", "user/ft-sharded", hub_env.token)
+    loaded = load_task_vector("user/ft-sharded", base=base)
+    expected = TaskVector.from_models(base, finetuned)
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[n], expected[n]) for n in expected)
+    _assert_cache_links("user/ft-sharded", "model-*.safetensors")
+
+
+def test_sharded_lora_adapter_round_trips_through_the_hub_cache(hub_env, tmp_path: Path) -> None:
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_tower(0)
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tiny_tower(0), config).save_pretrained(tmp_path / "single")
+    single = tmp_path / "single"
+    whole = load_file(str(single / "adapter_model.safetensors"))
+    expected = load_task_vector(single, base=base)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((single / "adapter_config.json").read_text())
+    names = sorted(whole)
+    halves = {"adapter_model-00001-of-00002.safetensors": names[::2], "adapter_model-00002-of-00002.safetensors": names[1::2]}
+    for filename, part in halves.items():
+        save_file({n: whole[n] for n in part}, str(folder / filename))
+    weight_map = {n: f for f, part in halves.items() for n in part}
+    (folder / "adapter_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _upload(folder, "user/lora-sharded", hub_env.token)
+    loaded = load_task_vector("user/lora-sharded", base=base)
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[n], expected[n]) for n in expected)
+    _assert_cache_links("user/lora-sharded", "adapter_model-*.safetensors")
+
+
+# ----------------------------------------------------------------------------- the card's merge command runs
+OTHER = "OWNER/OTHER_TASK_VECTOR"
+
+
+def _card_merge_command(card_text: str) -> list[str]:
+    """The ``saft-merge ...`` line of the card's bash block, split as a shell would."""
+    import re
+    import shlex
+
+    [block] = re.findall(r"```bash\n(.*?)```", card_text, flags=re.DOTALL)
+    [line] = [line for line in block.splitlines() if line.startswith("saft-merge ")]
+    return shlex.split(line)
+
+
+def _tower_vector(base_dir: Path, seed: int) -> TaskVector:
+    from saft_hf.clip import load_vision_tower
+
+    base = load_vision_tower(base_dir)
+    return TaskVector.from_models(base, perturbed(base, seed), config={"task": f"task{seed}", "base_model": str(base_dir)})
+
+
+def test_card_merge_command_of_a_pushed_vector_runs(hub_env, tiny_clip_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from saft_hf.cli.merge import main
+
+    _tower_vector(tiny_clip_dir, 1).push_to_hub("user/tv-card-runs", token=hub_env.token)
+    other = _tower_vector(tiny_clip_dir, 2).save_pretrained(tmp_path / "other")
+    argv = _card_merge_command(ModelCard.load("user/tv-card-runs").text)
+    assert argv[0] == "saft-merge" and any(OTHER in arg for arg in argv)
+    argv = [arg.replace(OTHER, str(other)) for arg in argv]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[1:] + ["--no-progress"]) == 0  # the console script's entry point, in process
+    merged = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert [r["repo"] for r in merged["repos"]] == ["user/tv-card-runs", str(other)]
+
+
+def test_card_merge_command_of_a_saved_vector_runs(tiny_clip_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from saft_hf.cli.merge import main
+
+    folder = _tower_vector(tiny_clip_dir, 3).save_pretrained(tmp_path / "tv with space")
+    other = _tower_vector(tiny_clip_dir, 4).save_pretrained(tmp_path / "other")
+    argv = _card_merge_command((folder / "README.md").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main([arg.replace(OTHER, str(other)) for arg in argv[1:]] + ["--no-progress"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_card_and_config_print_plain_values_for_enum_hyperparameters(tmp_path: Path) -> None:
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from saft_hf import provenance_config
+    from saft_hf.hub import make_model_card
+
+    hyper = {"lr_scheduler_type": SchedulerType.COSINE, "optim": OptimizerNames.ADAMW_TORCH, "learning_rate": 1e-5}
+    for config in (provenance_config(task="mnist", method="sam", hyperparameters=hyper),
+                   {"task": "mnist", "finetuning": {"method": "sam", "hyperparameters": hyper}}):  # fmt: skip
+        vector = TaskVector({"w": torch.ones(2)}, config)
+        texts = [make_model_card(vector).text, (vector.save_pretrained(tmp_path / "tv") / "README.md").read_text()]
+        texts.append((tmp_path / "tv" / CONFIG_NAME).read_text())
+        for text in texts:
+            assert "SchedulerType" not in text and "OptimizerNames" not in text
+        assert "lr_scheduler_type=cosine" in texts[0] and "optim=adamw_torch" in texts[1]
+        saved = json.loads(texts[2])["finetuning"]["hyperparameters"]
+        assert saved["lr_scheduler_type"] == "cosine" and saved["optim"] == "adamw_torch"

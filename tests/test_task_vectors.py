@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 import saft_hf.task_vector_io as tv_module
-from saft_hf.hub import load_task_vector, load_task_vectors
 from saft_hf.task_vectors import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -24,44 +23,22 @@ from saft_hf.task_vectors import (
     TaskVectorError,
     add_scaled_,
     check_compatible,
+    load_task_vector,
+    load_task_vectors,
 )
-
-
-def _tiny_clip(seed: int = 0) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    return CLIPVisionModelWithProjection(config).eval()
-
-
-def _finetuned(base: nn.Module, seed: int, std: float = 0.01) -> nn.Module:
-    model = copy.deepcopy(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * std)
-    return model
+from tests.tiny_models import perturbed, tiny_tower
 
 
 @pytest.fixture(scope="module")
 def base() -> nn.Module:
-    return _tiny_clip()
+    return tiny_tower()
 
 
 @pytest.fixture(scope="module")
 def vectors(base: nn.Module) -> tuple[TaskVector, TaskVector]:
     config = {"base_model": "openai/clip-vit-base-patch32", "task": "mnist"}
-    a = TaskVector.from_models(base, _finetuned(base, 1), config=config)
-    b = TaskVector.from_models(base, _finetuned(base, 2), config={**config, "task": "svhn"})
+    a = TaskVector.from_models(base, perturbed(base, 1), config=config)
+    b = TaskVector.from_models(base, perturbed(base, 2), config={**config, "task": "svhn"})
     return a, b
 
 
@@ -71,7 +48,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- construction
 def test_from_models_is_finetuned_minus_base_over_common_float_params(base: nn.Module) -> None:
-    finetuned = _finetuned(base, 3)
+    finetuned = perturbed(base, 3)
     vector = TaskVector.from_models(base, finetuned)
     assert set(vector.keys()) == {n for n, _ in base.named_parameters()}
     for name, param in finetuned.named_parameters():
@@ -79,7 +56,7 @@ def test_from_models_is_finetuned_minus_base_over_common_float_params(base: nn.M
 
 
 def test_from_models_include_exclude_patterns_select_parameters(base: nn.Module) -> None:
-    finetuned = _finetuned(base, 3)
+    finetuned = perturbed(base, 3)
     vector = TaskVector.from_models(base, finetuned, include=[r"encoder\.layers"], exclude=[r"layer_norm"])
     assert vector.names and all("encoder.layers" in n and "layer_norm" not in n for n in vector.names)
 
@@ -149,7 +126,7 @@ def test_add_scaled_writes_weighted_sum_and_resets_others_to_base(
     a, b = vectors
     base_state = _state(base)
     partial = TaskVector({n: a[n] for n in a.names[:3]})
-    model = _finetuned(base, 9)  # arbitrary current weights: all must be overwritten
+    model = perturbed(base, 9)  # arbitrary current weights: all must be overwritten
     add_scaled_(model, base_state, [partial, b], [0.3, 0.7])
     for name, param in model.named_parameters():
         expected = base_state[name] + (0.3 * partial[name] if name in partial else 0) + 0.7 * b[name]
@@ -187,6 +164,25 @@ def test_sharded_save_writes_index_and_round_trips(vectors: tuple[TaskVector, Ta
     assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(a.names)
     loaded = TaskVector.from_pretrained(directory)
     assert all(torch.equal(loaded[n], a[n]) for n in a)
+
+
+@pytest.mark.parametrize(("text", "nbytes"), [("8kB", 8_000), ("8KB", 8_000), ("8KiB", 8_192), ("0.008MB", 8_000), ("8000", 8_000)])
+def test_max_shard_size_accepts_hf_size_strings(
+    vectors: tuple[TaskVector, TaskVector], tmp_path: Path, text: str, nbytes: int
+) -> None:
+    a, _ = vectors
+    from_int = a.save_pretrained(tmp_path / "int", max_shard_size=nbytes, model_card=False)
+    from_text = a.save_pretrained(tmp_path / "text", max_shard_size=text, model_card=False)
+    assert (from_text / INDEX_NAME).read_text() == (from_int / INDEX_NAME).read_text()
+    assert all(torch.equal(TaskVector.from_pretrained(from_text)[n], a[n]) for n in a)
+
+
+@pytest.mark.parametrize("bad", ["5 parsecs", "GB", "-5GB", "0", 0, -1, True, 1.5])
+def test_bad_max_shard_size_is_a_clear_error(vectors: tuple[TaskVector, TaskVector], tmp_path: Path, bad: object) -> None:
+    a, _ = vectors
+    with pytest.raises(TaskVectorError, match=r"max_shard_size.*e\.g\. '5GB'"):
+        a.save_pretrained(tmp_path / "tv", max_shard_size=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "tv").exists()
 
 
 def test_save_can_cast_dtype(vectors: tuple[TaskVector, TaskVector], tmp_path: Path) -> None:
@@ -317,7 +313,7 @@ def test_directory_without_config_is_not_taken_for_a_task_vector(tmp_path: Path)
 
 # ----------------------------------------------------------------------------- other sources
 def test_full_finetuned_model_dir_gives_the_same_vector_as_from_models(base: nn.Module, tmp_path: Path) -> None:
-    finetuned = _finetuned(base, 4)
+    finetuned = perturbed(base, 4)
     finetuned.save_pretrained(tmp_path / "ft")
     base.save_pretrained(tmp_path / "base")
     expected = TaskVector.from_models(base, finetuned)

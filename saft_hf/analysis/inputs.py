@@ -15,8 +15,7 @@ from torch import Tensor, nn
 from transformers import AutoImageProcessor
 
 from ..clip import load_task_vector_head, load_vision_tower
-from ..hub import load_task_vector
-from ..task_vectors import TaskVector, check_compatible
+from ..task_vectors import TaskVector, check_compatible, load_task_vector
 from ..tasks import load_task
 from .evaluation import LogitsFn, heads_logits_fn, prepare_eval_data
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..hub import download_repo, load_task_vector, load_task_vectors
-from ..task_vectors import TaskVector, check_compatible
+from ..hub import download_repo
+from ..task_vectors import TaskVector, check_compatible, load_task_vector, load_task_vectors
 from .job import MergeJob, MergeJobError
 
 
@@ -75,6 +75,7 @@ def load_all(job: MergeJob) -> tuple[list[TaskVector], BaseModel]:
     vectors, base_id, revision = load_vectors(job)
     base = load_base(base_id, revision, job.token, job.device)
     if vectors:
+        vectors = [vector.to_base_layout(base.state) for vector in vectors]  # e.g. a LoRA made on CLIPVisionModel
         check_compatible(vectors, base.state, base_id=base_id)
     else:
         revisions = [r or None for r in job.revisions] if job.revisions else None

@@ -57,7 +57,7 @@ class MergeJob:
     overwrite: bool = False
     push_to_hub: str | None = None
     private: bool | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a repr or log
     progress: bool = True
     adapt_split: str | None = None
 

@@ -11,6 +11,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ..io_utils import atomic_write_json
 from ..merging.adamerging import coefficient_table
+from ..readers import safe_name
 from ..task_vectors import HEAD_FILES, TaskVector
 
 CARD_TAGS = ["saft", "model-merging", "merge"]
@@ -73,7 +74,7 @@ def copy_heads(vectors: Sequence[TaskVector], tasks: Sequence[str], directory: P
     for vector, task in zip(vectors, tasks):
         if vector.head_dir is None:
             continue
-        target = directory / "heads" / task
+        target = directory / "heads" / safe_name(task, what="task name", source=vector.source)
         target.mkdir(parents=True, exist_ok=True)
         for filename in HEAD_FILES:
             if (vector.head_dir / filename).is_file():
