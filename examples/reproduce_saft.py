@@ -132,13 +132,19 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
 
 def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments, task: str) -> dict[str, Any]:
     """What a fine-tune's result depends on; a finished stage with other settings is not reused."""
-    keys = (*REPRODUCE_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "seed", "gradient_accumulation_steps")
-    skip = {"remove_unused_columns", "save_strategy", "save_steps", "save_total_limit", "report_to"}
+    keys = (*REPRODUCE_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "seed")
+    # the batch a step sees, whatever the process count: a finished stage is reused on 1 or N processes
+    skip = {"remove_unused_columns", "save_strategy", "save_steps", "save_total_limit", "report_to",
+            "per_device_train_batch_size"}  # fmt: skip
+    hyperparameters = {key: getattr(training_args, key) for key in keys if key not in skip}
+    hyperparameters["total_train_batch_size"] = (
+        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    )
     return {
         "task": task,
         "model_name_or_path": args.model_name_or_path,
         "max_test_samples": args.max_test_samples,
-        "hyperparameters": {key: getattr(training_args, key) for key in keys if key not in skip},
+        "hyperparameters": hyperparameters,
     }
 
 
