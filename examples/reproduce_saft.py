@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 from saft_hf.merging import METHODS, get_method
 from saft_hf.pipeline import MergeJob, run_merge_job
 from saft_hf.reproduce import (
+    StageMismatchError,
     StageProgress,
     fingerprint,
     latest_valid_checkpoint,
@@ -140,12 +141,8 @@ def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments
     hyperparameters["total_train_batch_size"] = (
         training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
     )
-    return {
-        "task": task,
-        "model_name_or_path": args.model_name_or_path,
-        "max_test_samples": args.max_test_samples,
-        "hyperparameters": hyperparameters,
-    }
+    return {"task": task, "model_name_or_path": args.model_name_or_path, "max_test_samples": args.max_test_samples,
+            **hyperparameters}  # fmt: skip
 
 
 def _clear_stale_outputs(stage_dir: Path) -> None:
@@ -157,8 +154,15 @@ def _clear_stale_outputs(stage_dir: Path) -> None:
 
 
 def plan_finetune(stage_dir: Path, settings: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Main process: skip a verified finished stage, else clear it and pick the checkpoint to resume from."""
-    marker, why = read_marker(stage_dir, settings)
+    """Main process: skip a verified finished stage, else clear it and pick the checkpoint to resume from.
+
+    The plan is broadcast to every process, so an error is returned as a plan too: raised on the main
+    process alone, it would leave the others waiting at the broadcast.
+    """
+    try:
+        marker, why = read_marker(stage_dir, settings)
+    except StageMismatchError as err:
+        return {"action": "error", "note": str(err)}
     if marker is not None:
         return {"action": "skip", "note": "finished earlier, outputs verified"}
     _clear_stale_outputs(stage_dir)
@@ -189,6 +193,8 @@ def run_finetunes(
             plan = [plan_finetune(stage_dir, settings, state.num_processes) if state.is_main_process else None]
             plan = broadcast_object_list(plan)[0]
             name = f"{task}/{variant}"
+            if plan["action"] == "error":
+                raise SystemExit(f"fine-tune {name}: {plan['note']}")
             if plan["action"] == "skip":
                 log["skipped"].append(name)
                 progress.finish("fine-tune", name, plan["note"], worked=False)

@@ -348,6 +348,23 @@ def test_a_run_killed_in_its_second_fine_tune_resumes_and_ends_with_the_same_tab
     _assert_report_matches_run_results(e2e["killed"])
 
 
+def test_a_finished_fine_tune_with_other_settings_stops_every_process_with_the_reason(tmp_path, tiny_task_data_dir):
+    script = load_reproduce_script()
+    argv = ["--output_dir", str(tmp_path), "--data_dir", str(tiny_task_data_dir), "--tasks", *TASKS, "--max_steps", "4"]
+    args, training_args = script.build_parser().parse_args_into_dataclasses(args=argv)
+    training_args.sam_rho, training_args.sam_adaptive = 0.0, False  # as run_finetunes sets for 'standard'
+    stage = tmp_path / "finetune" / "standard" / "TinyColors"
+    stage.mkdir(parents=True)
+    (stage / "results.json").write_text("{}")
+    write_marker(stage, ["results.json"], script.stage_settings(args, training_args, "TinyColors"), {})
+    training_args.max_steps = 8000
+    plan = script.plan_finetune(stage, script.stage_settings(args, training_args, "TinyColors"), world_size=2)
+    assert plan["action"] == "error" and "max_steps" in plan["note"]  # broadcast, so no process waits forever
+    with pytest.raises(SystemExit, match="fine-tune TinyColors/standard: .*max_steps: 4 now 8000"):
+        script.main([*argv[:-1], "8000", "--variants", "standard"])
+    assert (stage / "results.json").is_file()  # the finished result is kept
+
+
 def test_unknown_variant_or_method_fails_before_training(tmp_path, tiny_task_data_dir):
     script = load_reproduce_script()
     common = ["--output_dir", str(tmp_path), "--data_dir", str(tiny_task_data_dir), "--tasks", *TASKS]
