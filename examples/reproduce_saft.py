@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 from saft_hf.merging import METHODS, get_method
 from saft_hf.pipeline import MergeJob, run_merge_job
 from saft_hf.reproduce import (
+    MARKER_NAME,
     StageMismatchError,
     StageProgress,
     fingerprint,
@@ -61,8 +62,7 @@ VARIANTS = ("standard", "saft")
 # Checkpoint every 500 of the paper's 8,000 steps (≈ 1/16 of a run lost at worst); keep two in case the
 # newest is broken. A finished fine-tune's checkpoints are deleted unless --keep_checkpoints.
 REPRODUCE_DEFAULTS = {**train_saft.PAPER_DEFAULTS, "save_strategy": "steps", "save_steps": 500, "save_total_limit": 2}
-STAGE_OUTPUTS = ("results.json", "task_vector")
-MERGE_OUTPUTS = ("results.json", "merge_config.json")
+STAGE_OUTPUTS = ("results.json", "task_vector", "vision_model", *HEAD_FILES)  # what train_task writes
 RUN_LOG = "reproduce_runs.jsonl"
 
 
@@ -147,13 +147,15 @@ def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments
 
 def _clear_stale_outputs(stage_dir: Path) -> None:
     """Outputs of an unfinished or corrupted stage are never reused: remove them, keep the checkpoints."""
-    for name in ("reproduce_stage.json", "results.json", *HEAD_FILES):
-        (stage_dir / name).unlink(missing_ok=True)
-    for name in ("task_vector", "vision_model"):
-        shutil.rmtree(stage_dir / name, ignore_errors=True)
+    for name in (MARKER_NAME, *STAGE_OUTPUTS):
+        path = stage_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
-def plan_finetune(stage_dir: Path, settings: dict[str, Any], world_size: int) -> dict[str, Any]:
+def plan_finetune(stage_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Main process: skip a verified finished stage, else clear it and pick the checkpoint to resume from.
 
     The plan is broadcast to every process, so an error is returned as a plan too: raised on the main
@@ -166,7 +168,7 @@ def plan_finetune(stage_dir: Path, settings: dict[str, Any], world_size: int) ->
     if marker is not None:
         return {"action": "skip", "note": "finished earlier, outputs verified"}
     _clear_stale_outputs(stage_dir)
-    checkpoint, removed = latest_valid_checkpoint(stage_dir, world_size)
+    checkpoint, removed = latest_valid_checkpoint(stage_dir)
     note = why + "".join(f"; removed broken {name}" for name in removed)
     return {"action": "train", "checkpoint": str(checkpoint) if checkpoint else None, "note": note}
 
@@ -190,7 +192,7 @@ def run_finetunes(
             progress.start()
             stage_dir = root / "finetune" / variant / task
             settings = stage_settings(args, training_args, task)
-            plan = [plan_finetune(stage_dir, settings, state.num_processes) if state.is_main_process else None]
+            plan = [plan_finetune(stage_dir, settings) if state.is_main_process else None]
             plan = broadcast_object_list(plan)[0]
             name = f"{task}/{variant}"
             if plan["action"] == "error":
@@ -254,7 +256,8 @@ def run_merges(
                     batch_size=args.merge_batch_size, device=device, overwrite=True, progress=bars,
                 )  # fmt: skip
                 run_merge_job(job)
-                write_marker(out, MERGE_OUTPUTS, settings, {"variant": variant})
+                written = [p.name for p in out.iterdir() if p.name != MARKER_NAME]  # model, heads, card, JSON
+                write_marker(out, written, settings, {"variant": variant})
                 log["merged"].append(name)
                 progress.finish("merge", name, f"merged ({why})")
             else:

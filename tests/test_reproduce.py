@@ -91,17 +91,17 @@ def test_a_broken_newest_checkpoint_is_removed_and_the_previous_one_resumed(tmp_
     weights.write_bytes(weights.read_bytes()[:-100])
     no_state = _fake_checkpoint(tmp_path, 6)
     (no_state / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
-    checkpoint, removed = latest_valid_checkpoint(tmp_path, world_size=1)
+    checkpoint, removed = latest_valid_checkpoint(tmp_path)
     assert checkpoint == good
     assert not broken.exists() and not no_state.exists()
     assert removed[0].startswith("checkpoint-6 (trainer_state.json") and removed[1].startswith("checkpoint-4 (model")
 
 
-def test_a_two_process_checkpoint_needs_every_ranks_rng_state(tmp_path):
-    _fake_checkpoint(tmp_path, 2)
-    (tmp_path / "checkpoint-2" / "rng_state_0.pth").write_bytes(b"x")
-    checkpoint, removed = latest_valid_checkpoint(tmp_path, world_size=2)
-    assert checkpoint is None and "rng_state_1.pth missing" in removed[0]
+def test_a_checkpoint_from_another_process_count_is_still_resumed(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path, 2)  # written by one process: rng_state.pth
+    assert latest_valid_checkpoint(tmp_path) == (checkpoint, [])
+    (checkpoint / "rng_state.pth").unlink()
+    assert latest_valid_checkpoint(tmp_path)[1] == ["checkpoint-2 (no RNG state (rng_state*.pth))"]
 
 
 # --------------------------------------------------------------------------- progress and report
@@ -358,7 +358,7 @@ def test_a_finished_fine_tune_with_other_settings_stops_every_process_with_the_r
     (stage / "results.json").write_text("{}")
     write_marker(stage, ["results.json"], script.stage_settings(args, training_args, "TinyColors"), {})
     training_args.max_steps = 8000
-    plan = script.plan_finetune(stage, script.stage_settings(args, training_args, "TinyColors"), world_size=2)
+    plan = script.plan_finetune(stage, script.stage_settings(args, training_args, "TinyColors"))
     assert plan["action"] == "error" and "max_steps" in plan["note"]  # broadcast, so no process waits forever
     with pytest.raises(SystemExit, match="fine-tune TinyColors/standard: .*max_steps: 4 now 8000"):
         script.main([*argv[:-1], "8000", "--variants", "standard"])

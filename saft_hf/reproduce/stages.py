@@ -98,7 +98,7 @@ def read_marker(root: Path, settings: Mapping[str, Any], strict: bool = True) ->
     return marker, "finished"
 
 
-def checkpoint_problem(checkpoint: Path, world_size: int) -> str | None:
+def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why a Trainer checkpoint cannot be resumed from (``None`` when it can): missing or unreadable files."""
     from safetensors import safe_open
 
@@ -110,10 +110,13 @@ def checkpoint_problem(checkpoint: Path, world_size: int) -> str | None:
         return "trainer_state.json missing or unreadable"
     if not match or state.get("global_step") != int(match.group(1)):
         return f"trainer_state.json records step {state.get('global_step')}, not the folder's"
-    rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
-    for name in ("optimizer.pt", "scheduler.pt", *rng):
+    for name in ("optimizer.pt", "scheduler.pt"):
         if not (checkpoint / name).is_file() or (checkpoint / name).stat().st_size == 0:
             return f"{name} missing or empty"
+    # Process 0 writes its RNG state before trainer_state.json, so one is there. Another process count's
+    # states (or a rank killed before writing its own) still resume, not bitwise: the Trainer warns.
+    if not any(p.stat().st_size for p in checkpoint.glob("rng_state*.pth")):
+        return "no RNG state (rng_state*.pth)"
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not weights:
         return "no model weights (*.safetensors)"
@@ -132,11 +135,11 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
 
 
-def latest_valid_checkpoint(output_dir: Path, world_size: int) -> tuple[Path | None, list[str]]:
+def latest_valid_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint that can be resumed from; broken newer ones are deleted and reported."""
     removed = []
     for checkpoint in reversed(_checkpoints(output_dir)):
-        problem = checkpoint_problem(checkpoint, world_size)
+        problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint, removed
         shutil.rmtree(checkpoint, ignore_errors=True)
