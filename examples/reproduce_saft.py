@@ -121,8 +121,10 @@ def build_parser() -> HfArgumentParser:
 def check_arguments(args: ReproduceArguments) -> list[str]:
     """Fail before any training on a wrong task, variant or method; returns the tasks' canonical names."""
     bad = [v for v in args.variants if v not in VARIANTS]
-    if bad or not args.variants:
-        raise SystemExit(f"--variants must be among {list(VARIANTS)}, got {args.variants!r}.")
+    if bad or not args.variants or len(set(args.variants)) != len(args.variants):
+        raise SystemExit(f"--variants must be among {list(VARIANTS)}, each once, got {args.variants!r}.")
+    if not args.methods or len(set(args.methods)) != len(args.methods):
+        raise SystemExit(f"--methods must list at least one merge method, each once, got {args.methods!r}.")
     for method in args.methods:
         get_method(method)  # raises naming the available methods
     names = [resolve_task(task, args.data_dir).name for task in args.tasks]

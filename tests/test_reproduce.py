@@ -370,6 +370,8 @@ def test_unknown_variant_or_method_fails_before_training(tmp_path, tiny_task_dat
     common = ["--output_dir", str(tmp_path), "--data_dir", str(tiny_task_data_dir), "--tasks", *TASKS]
     with pytest.raises(SystemExit, match="--variants must be among"):
         script.main([*common, "--variants", "sam"])
+    with pytest.raises(SystemExit, match="each once"):
+        script.main([*common, "--methods", "ties", "ties"])
     with pytest.raises(ValueError, match="unknown merge method 'tie'; available methods"):
         script.main([*common, "--methods", "tie"])
     with pytest.raises(SystemExit, match="at least two different tasks"):
