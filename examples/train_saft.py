@@ -149,8 +149,13 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
     return load_accuracy().compute(predictions=np.argmax(logits, axis=-1), references=labels)
 
 
-def train_task(task: str, script_args: ScriptArguments, training_args: SAMTrainingArguments) -> dict[str, Any] | None:
-    """Fine-tune one task; on the main process write the model, head, task vector and results.json."""
+def train_task(
+    task: str,
+    script_args: ScriptArguments,
+    training_args: SAMTrainingArguments,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any] | None:
+    """Fine-tune one task (from ``--resume_from_checkpoint`` if given); the main process writes the outputs."""
     output_dir = Path(training_args.output_dir)
     spec = resolve_task(task, script_args.data_dir)
     head_dir = Path(script_args.head_dir) / spec.name if script_args.head_dir else output_dir
@@ -169,8 +174,9 @@ def train_task(task: str, script_args: ScriptArguments, training_args: SAMTraini
         eval_dataset=data["validation"],
         data_collator=collate_image_batch,
         compute_metrics=compute_metrics,
+        callbacks=callbacks,
     )
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.wait_for_everyone()
     results = None
     if trainer.is_world_process_zero():

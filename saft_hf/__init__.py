@@ -52,6 +52,11 @@ _LAZY: dict[str, str] = {
     "analyze_pairs": "analysis",
     # atomic outputs
     "atomic_output_dir": "io_utils",
+    # resumable reproduction (examples/reproduce_saft.py)
+    "StageProgress": "reproduce",
+    "read_marker": "reproduce",
+    "write_marker": "reproduce",
+    "latest_valid_checkpoint": "reproduce",
 }
 
 __all__ = ["__version__", *_LAZY]
