@@ -245,7 +245,8 @@ def test_preset_small_restores_the_first_regime_and_explicit_flags_override_it()
     small = parse_args(["--preset", "small", "--steps", "7"])
     assert (small.base_pretext, small.task_domains, small.learning_rate, small.steps) == ("recipes", "shared", 1e-3, 7)
     default = parse_args([])
-    assert (default.preset, default.base_pretext, default.task_domains) == ("calibrated", "attributes", "distinct")
+    assert (default.preset, default.base_pretext, default.task_domains) == ("default", "attributes", "distinct")
+    assert (default.base_pretext_detail, default.learning_rate, default.base_pretrain_steps) == ("fine", 1e-4, 4000)
 
 
 def test_distinct_domains_change_the_background_but_not_the_labels():

@@ -30,7 +30,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
 def _preset_parser() -> argparse.ArgumentParser:
     """Reads only --preset, so its bundle of defaults can be applied before the full parse."""
     pre = argparse.ArgumentParser(prog="saft-demo", add_help=False)
-    pre.add_argument("--preset", default="calibrated", choices=list(PRESETS))
+    pre.add_argument("--preset", default="default", choices=list(PRESETS))
     return pre
 
 
