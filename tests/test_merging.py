@@ -22,8 +22,10 @@ def flatten(vectors):
 
 
 def unflatten(flat: torch.Tensor, shapes=SHAPES) -> dict[str, torch.Tensor]:
+    """Split a flat tensor into ``shapes`` (name → shape, or a vector whose tensor shapes to use)."""
     out, start = {}, 0
     for k, s in shapes.items():
+        s = tuple(s.shape) if isinstance(s, torch.Tensor) else s
         size = math.prod(s)
         out[k] = flat[start : start + size].reshape(s)
         start += size
@@ -32,14 +34,21 @@ def unflatten(flat: torch.Tensor, shapes=SHAPES) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------- in-memory references (tests only)
 def ties_reference(vectors, density, scaling):
+    """TIES as its authors' code runs it, on the flattened (n, d) float32 vectors.
+
+    Trim: keep |τ| ≥ the (d − ⌊d·density⌋)-th smallest |τ| of each row. Elect: sign of the column sum;
+    a zero sign becomes sign(Σ of all elected signs), and stays 0 when that is 0, in which case the
+    selection rule below keeps the negative entries. Disjoint mean over the selected non-zeros.
+    """
     m = flatten(vectors)
     d = m.shape[1]
     if density < 1:
         thr = m.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
-        m = torch.where(m.abs() >= thr, m, 0.0)
-    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(m) == sign
-    return unflatten(scaling * (m * agree).sum(0) / agree.sum(0).clamp(min=1))
+        m = m * (m.abs() >= thr)
+    elected = torch.sign(m.sum(dim=0))
+    elected[elected == 0] = torch.sign(elected.sum())
+    selected = m * torch.where(elected > 0, m > 0, m < 0)
+    return unflatten(scaling * selected.sum(0) / (selected != 0).sum(0).clamp(min=1), vectors[0])
 
 
 def pcb_reference(vectors, ratio, scaling, shapes=SHAPES):
@@ -152,10 +161,39 @@ def test_all_zero_vectors_merge_to_zero(method):
 def test_ties_density_one_is_scaled_disjoint_mean():
     vs = random_vectors(3, seed=5)
     m = flatten(vs)
-    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)
+    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)  # no exact ties in these float32 values
     agree = torch.sign(m) == sign
     expected = unflatten(0.5 * (m * agree).sum(0) / agree.sum(0).clamp(min=1))
     assert_close_dicts(merge(vs, "ties", density=1.0, scaling=0.5), expected)
+
+
+@pytest.mark.parametrize("bias", [-0.05, 0.05])
+def test_ties_sign_ties_follow_the_authors_majority_rule_in_bf16(bias):
+    # bf16 values cancel exactly in ~0.1% of the columns; a bias sets the vector-wide majority sign
+    shapes = {"attn.weight": (256, 512), "mlp.weight": (512, 256), "bias": (512,)}
+    g = torch.Generator().manual_seed(12)
+    vs = [{k: (torch.randn(s, generator=g) + bias).to(torch.bfloat16) for k, s in shapes.items()} for _ in range(8)]
+    expected = ties_reference(vs, 0.5, 1.0)
+    got = merge(vs, "ties", density=0.5, scaling=1.0, dtype=torch.float32)
+    assert_close_dicts(got, expected, atol=0, rtol=0)
+    assert_close_dicts(merge(vs, "ties", density=0.5, scaling=1.0), expected, atol=0, rtol=0)  # bf16 output
+    # the case is exercised: many columns tie, and the rule picks the side named by the majority
+    m = flatten(vs)
+    m = m * (m.abs() >= m.abs().kthvalue(m.shape[1] - int(m.shape[1] * 0.5), dim=1, keepdim=True).values)
+    tied = (m.sum(0) == 0) & (m != 0).any(0)
+    assert int(tied.sum()) > 100
+    side = flatten([got])[0][tied]
+    assert bool((side < 0).all()) if bias < 0 else bool((side > 0).all())
+
+
+def test_ties_balanced_majority_keeps_the_negative_side_as_the_authors_code_does():
+    v1, v2 = {"w": torch.tensor([2.0, -2.0, 0.5])}, {"w": torch.tensor([-2.0, 2.0, -0.5])}
+    # every column sums to 0 and the elected signs sum to 0: the authors' rule keeps the negatives
+    assert merge([v1, v2], "ties", density=1.0, scaling=1.0)["w"].tolist() == [-2.0, -2.0, -0.5]
+    v3 = {"w": torch.tensor([2.0, -2.0, 0.5, 1.0])}
+    v4 = {"w": torch.tensor([-2.0, 2.0, -0.5, 1.0])}
+    # one positive elected sign makes the majority +1: the tied columns keep their positive entries
+    assert merge([v3, v4], "ties", density=1.0, scaling=2.0)["w"].tolist() == [4.0, 4.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize("method", [m for m in sorted(METHODS) if METHODS[m].scalable])
@@ -172,6 +210,23 @@ def test_low_precision_inputs_keep_their_dtype():
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
     expected = ties_reference([{k: v.float() for k, v in d.items()} for d in vs], 0.5, 1.0)
     assert_close_dicts(merged, expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_requested_float32_output_is_the_exact_float32_merge_of_fp16_inputs(method):
+    args = {"pcb": {"ratio": 0.5}}.get(method, {})  # PCB's default keeps too few entries to overlap
+    halves = [{k: v.half() for k, v in d.items()} for d in random_vectors(3, seed=11)]
+    got = merge(halves, method, dtype=torch.float32, **args)
+    expected = merge([{k: v.float() for k, v in d.items()} for d in halves], method, **args)
+    assert_close_dicts(got, expected, atol=0, rtol=0)
+    # the float32 results are not all representable in fp16: rounding there would have shown
+    assert any(not torch.equal(t, t.half().float()) for t in got.values())
+
+
+def test_fp16_sums_beyond_the_fp16_range_are_finite_in_requested_float32():
+    vs = [{"w": torch.full((4,), 30000.0, dtype=torch.float16)} for _ in range(3)]
+    merged = merge(vs, "task_arithmetic", scaling=1.0, dtype=torch.float32)["w"]
+    assert merged.dtype == torch.float32 and merged.tolist() == [90000.0] * 4
 
 
 def test_output_dtype_can_be_requested():

@@ -112,5 +112,5 @@ def pcb(
                 weighted += beta * torch.sign(tensor) * magnitude
                 weight_sum += beta
             out[part] = weighted.div_(weight_sum.clamp_(min=1e-12))
-        merged[name] = out.mul_(scaling).view(shape).to(reader.dtypes[name])
+        merged[name] = out.mul_(scaling).view(shape)
     return merged

@@ -95,11 +95,16 @@ def release_freed_memory() -> None:
 
 
 class TensorReader:
-    """Reads one parameter from every vector as float32, checking finiteness on its first read."""
+    """Reads one parameter from every vector as float32, checking finiteness once per tensor per merge.
+
+    Vectors that offer ``read_unchecked(name)`` (TaskVector) are read through it: they would
+    otherwise check finiteness on every read, i.e. once per pass of a multi-pass method.
+    """
 
     def __init__(self, vectors: Sequence[Mapping[str, Tensor]]) -> None:
         self.vectors = vectors
         self.dtypes: dict[str, torch.dtype] = {}
+        self._readers = [getattr(vector, "read_unchecked", vector.__getitem__) for vector in vectors]
         self._bytes_since_trim = 0
 
     def read(self, name: str) -> list[Tensor]:
@@ -109,29 +114,36 @@ class TensorReader:
             self._bytes_since_trim = 0
         first_read = name not in self.dtypes
         tensors = []
-        for index, vector in enumerate(self.vectors):
-            tensor = vector[name]
+        for index, read in enumerate(self._readers):
+            tensor = read(name)
             if index == 0:
-                # merged values are cast back to the dtype of task vector 0
                 self.dtypes.setdefault(name, tensor.dtype)
             if not tensor.is_floating_point():
                 raise MergeError(
                     f"tensor {name!r} of task vector {index} has dtype {tensor.dtype}; task vectors must "
                     "be floating point (exclude integer buffers when building them)."
                 )
+            tensor = tensor.to(torch.float32)
             if first_read and not _all_finite(tensor):
                 raise MergeError(
                     f"tensor {name!r} of task vector {index} contains NaN or inf; the fine-tuning "
                     "diverged or the file is damaged: re-create that task vector."
                 )
-            tensors.append(tensor.to(torch.float32))
-            self._bytes_since_trim += tensors[-1].numel() * 4
+            tensors.append(tensor)
+            self._bytes_since_trim += tensor.numel() * 4
         return tensors
 
 
 def _all_finite(tensor: Tensor) -> bool:
     """True when no entry is NaN/inf: one sum (NaN/inf propagate), confirmed exactly only if it overflows."""
     return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def input_dtypes(vector: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, torch.dtype]:
+    """The dtype of each parameter of ``vector``: from its ``dtypes`` (TaskVector headers) or its tensors."""
+    known = getattr(vector, "dtypes", None)
+    known = known if isinstance(known, Mapping) else {}
+    return {name: known[name] if name in known else vector[name].dtype for name in names}
 
 
 def iter_names(names: Sequence[str], progress: bool, desc: str) -> Iterable[str]:
