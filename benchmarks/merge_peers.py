@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--quick", action="store_true", help="2-layer tower, 4 vectors, 1 run (a smoke test)")
-    parser.add_argument("--dir", type=Path, help="where to write the temporary vectors (default: the system temp dir)")
+    parser.add_argument("--dir", type=Path, help="keep the vectors in this folder and reuse them on later runs "
+                        "(default: a temporary folder, removed at the end)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -175,9 +176,12 @@ def main(argv: list[str] | None = None) -> None:
         args.n, args.runs = 4, 1
     shapes = tower_shapes(args.quick)
     vector_bytes = 4 * sum(math.prod(s) for s in shapes.values())
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        directory = Path(tmp)
-        paths = write_vectors(directory, shapes, args.n)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = args.dir or Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = [directory / f"tv{i}" for i in range(args.n)]
+        if not all((p / WEIGHTS_NAME).is_file() for p in paths):
+            paths = write_vectors(directory, shapes, args.n)
         print(f"{args.n} vectors of {len(shapes)} tensors, {vector_bytes / 2**20:.0f} MiB each (float32); "
               f"{args.runs} fresh process(es) per row; torch threads: {torch.get_num_threads()}")
         print(f"{'method':<16}{'implementation':<16}{'min s':>8}{'median s':>10}{'peak RSS':>10}")

@@ -73,6 +73,29 @@ def pcb_reference(vectors, ratio, scaling, shapes=SHAPES):
     return unflatten(scaling * (clipped * beta).sum(0) / beta.sum(0).clamp(min=1e-12), shapes)
 
 
+def pcb_vit_reference(vectors, ratio, scaling, shapes=SHAPES):
+    """My transcription of the authors' ViT variant (``PCB`` in vision_source_code/pcb_ES.py)."""
+    m = flatten(vectors)
+    n, d = m.shape
+
+    def order_stat(x, idx):
+        return x.sort(dim=1).values[:, idx : idx + 1]
+
+    def norm(x):
+        lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+        return (x - lo) / (hi - lo)
+
+    mag = m.abs()
+    mag = mag.clamp(order_stat(mag, int(d * 0.01)), order_stat(mag, int(d * (1 - 0.01) - 1)))
+    clipped = torch.sign(m) * mag
+    hat = torch.sign(m) * norm(mag)  # the min-max normalised task vectors
+    intra = torch.exp(n * norm(mag) ** 2)
+    inter = torch.stack([torch.tanh(hat[i] * hat).sum(0) for i in range(n)])  # Σ_j tanh(τ̂_i ⊙ τ̂_j)
+    score = intra * inter
+    beta = norm(score.clamp(min=order_stat(score, int(d * (1 - ratio)))))
+    return unflatten(scaling * (clipped * beta).sum(0) / beta.sum(0).clamp(min=1e-12), shapes)
+
+
 def assert_close_dicts(got, expected, **tol):
     assert set(got) == set(expected)
     for k in expected:
@@ -124,6 +147,27 @@ def test_pcb_clips_outliers_like_the_transcription_on_heavy_tails():
     assert_close_dicts(merged, pcb_reference(vs, 0.1, 1.0, shapes), atol=1e-5, rtol=1e-4)
     largest = max(v["w"].abs().max().item() for v in vs)
     assert merged["w"].abs().max().item() < largest  # the outliers were clipped
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3])
+def test_pcb_vit_variant_matches_the_authors_vit_code(ratio):
+    vs = random_vectors(4, seed=13)
+    got = merge(vs, "pcb", variant="vit", ratio=ratio, scaling=1.2)
+    assert_close_dicts(got, pcb_vit_reference(vs, ratio, 1.2), atol=1e-5, rtol=1e-4)
+
+
+def test_pcb_vit_variant_clips_one_percent_and_differs_from_the_general_one():
+    # d = 35000: the 1% clip moves 350 entries per end and per task, the 0.01% one only 3
+    shapes = {"w": (20000,), "v": (50, 300)}
+    g = torch.Generator().manual_seed(14)
+    vs = [{k: torch.randn(s, generator=g) ** 3 for k, s in shapes.items()} for _ in range(3)]
+    vit = merge(vs, "pcb", variant="vit", ratio=0.1, scaling=1.0)
+    assert_close_dicts(vit, pcb_vit_reference(vs, 0.1, 1.0, shapes), atol=1e-5, rtol=1e-4)
+    general = merge(vs, "pcb", ratio=0.1, scaling=1.0)
+    assert vit["w"].abs().max() < general["w"].abs().max()  # clipped harder
+    assert not torch.allclose(vit["v"], general["v"], atol=1e-3)
+    with pytest.raises(MergeError, match=r"'variant' must be one of \['general', 'vit'\]"):
+        merge(vs, "pcb", variant="ViT-B/32")
 
 
 def test_pcb_drops_all_but_top_ratio_per_task():
