@@ -188,15 +188,19 @@ class TaskVector(Mapping[str, Tensor]):
 
     # -- Mapping protocol ------------------------------------------------------------------
     def __getitem__(self, name: str) -> Tensor:
+        tensor = self.read_unchecked(name)
+        if self.check_finite and self._store is not None:  # in-memory tensors were checked at init
+            _check_finite(name, tensor, self.source)
+        return tensor
+
+    def read_unchecked(self, name: str) -> Tensor:
+        """Tensor ``name`` without the finiteness check: for merges, which check each tensor once."""
         if self._tensors is not None:
             return self._tensors[name]
         assert self._store is not None
         if name not in self._store.weight_map:
             raise KeyError(name)
-        tensor = self._store.get(name)
-        if self.check_finite:
-            _check_finite(name, tensor, self.source)
-        return tensor
+        return self._store.get(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)

@@ -22,8 +22,10 @@ def flatten(vectors):
 
 
 def unflatten(flat: torch.Tensor, shapes=SHAPES) -> dict[str, torch.Tensor]:
+    """Split a flat tensor into ``shapes`` (name → shape, or a vector whose tensor shapes to use)."""
     out, start = {}, 0
     for k, s in shapes.items():
+        s = tuple(s.shape) if isinstance(s, torch.Tensor) else s
         size = math.prod(s)
         out[k] = flat[start : start + size].reshape(s)
         start += size
@@ -32,14 +34,21 @@ def unflatten(flat: torch.Tensor, shapes=SHAPES) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------- in-memory references (tests only)
 def ties_reference(vectors, density, scaling):
+    """TIES as its authors' code runs it, on the flattened (n, d) float32 vectors.
+
+    Trim: keep |τ| ≥ the (d − ⌊d·density⌋)-th smallest |τ| of each row. Elect: sign of the column sum;
+    a zero sign becomes sign(Σ of all elected signs), and stays 0 when that is 0, in which case the
+    selection rule below keeps the negative entries. Disjoint mean over the selected non-zeros.
+    """
     m = flatten(vectors)
     d = m.shape[1]
     if density < 1:
         thr = m.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
-        m = torch.where(m.abs() >= thr, m, 0.0)
-    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(m) == sign
-    return unflatten(scaling * (m * agree).sum(0) / agree.sum(0).clamp(min=1))
+        m = m * (m.abs() >= thr)
+    elected = torch.sign(m.sum(dim=0))
+    elected[elected == 0] = torch.sign(elected.sum())
+    selected = m * torch.where(elected > 0, m > 0, m < 0)
+    return unflatten(scaling * selected.sum(0) / (selected != 0).sum(0).clamp(min=1), vectors[0])
 
 
 def pcb_reference(vectors, ratio, scaling, shapes=SHAPES):
@@ -59,6 +68,29 @@ def pcb_reference(vectors, ratio, scaling, shapes=SHAPES):
     clipped = torch.sign(m) * mag
     intra = torch.exp(n * norm(mag) ** 2)
     inter = torch.tanh(m * m.sum(0))
+    score = intra * inter
+    beta = norm(score.clamp(min=order_stat(score, int(d * (1 - ratio)))))
+    return unflatten(scaling * (clipped * beta).sum(0) / beta.sum(0).clamp(min=1e-12), shapes)
+
+
+def pcb_vit_reference(vectors, ratio, scaling, shapes=SHAPES):
+    """My transcription of the authors' ViT variant (``PCB`` in vision_source_code/pcb_ES.py)."""
+    m = flatten(vectors)
+    n, d = m.shape
+
+    def order_stat(x, idx):
+        return x.sort(dim=1).values[:, idx : idx + 1]
+
+    def norm(x):
+        lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+        return (x - lo) / (hi - lo)
+
+    mag = m.abs()
+    mag = mag.clamp(order_stat(mag, int(d * 0.01)), order_stat(mag, int(d * (1 - 0.01) - 1)))
+    clipped = torch.sign(m) * mag
+    hat = torch.sign(m) * norm(mag)  # the min-max normalised task vectors
+    intra = torch.exp(n * norm(mag) ** 2)
+    inter = torch.stack([torch.tanh(hat[i] * hat).sum(0) for i in range(n)])  # Σ_j tanh(τ̂_i ⊙ τ̂_j)
     score = intra * inter
     beta = norm(score.clamp(min=order_stat(score, int(d * (1 - ratio)))))
     return unflatten(scaling * (clipped * beta).sum(0) / beta.sum(0).clamp(min=1e-12), shapes)
@@ -117,6 +149,27 @@ def test_pcb_clips_outliers_like_the_transcription_on_heavy_tails():
     assert merged["w"].abs().max().item() < largest  # the outliers were clipped
 
 
+@pytest.mark.parametrize("ratio", [0.05, 0.3])
+def test_pcb_vit_variant_matches_the_authors_vit_code(ratio):
+    vs = random_vectors(4, seed=13)
+    got = merge(vs, "pcb", variant="vit", ratio=ratio, scaling=1.2)
+    assert_close_dicts(got, pcb_vit_reference(vs, ratio, 1.2), atol=1e-5, rtol=1e-4)
+
+
+def test_pcb_vit_variant_clips_one_percent_and_differs_from_the_general_one():
+    # d = 35000: the 1% clip moves 350 entries per end and per task, the 0.01% one only 3
+    shapes = {"w": (20000,), "v": (50, 300)}
+    g = torch.Generator().manual_seed(14)
+    vs = [{k: torch.randn(s, generator=g) ** 3 for k, s in shapes.items()} for _ in range(3)]
+    vit = merge(vs, "pcb", variant="vit", ratio=0.1, scaling=1.0)
+    assert_close_dicts(vit, pcb_vit_reference(vs, 0.1, 1.0, shapes), atol=1e-5, rtol=1e-4)
+    general = merge(vs, "pcb", ratio=0.1, scaling=1.0)
+    assert vit["w"].abs().max() < general["w"].abs().max()  # clipped harder
+    assert not torch.allclose(vit["v"], general["v"], atol=1e-3)
+    with pytest.raises(MergeError, match=r"'variant' must be one of \['general', 'vit'\]"):
+        merge(vs, "pcb", variant="ViT-B/32")
+
+
 def test_pcb_drops_all_but_top_ratio_per_task():
     vs = random_vectors(2, seed=4, shapes={"w": (1000,)})
     merged = merge(vs, "pcb", ratio=0.05, scaling=1.0)["w"]
@@ -152,10 +205,39 @@ def test_all_zero_vectors_merge_to_zero(method):
 def test_ties_density_one_is_scaled_disjoint_mean():
     vs = random_vectors(3, seed=5)
     m = flatten(vs)
-    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)
+    sign = torch.where(m.sum(0) >= 0, 1.0, -1.0)  # no exact ties in these float32 values
     agree = torch.sign(m) == sign
     expected = unflatten(0.5 * (m * agree).sum(0) / agree.sum(0).clamp(min=1))
     assert_close_dicts(merge(vs, "ties", density=1.0, scaling=0.5), expected)
+
+
+@pytest.mark.parametrize("bias", [-0.05, 0.05])
+def test_ties_sign_ties_follow_the_authors_majority_rule_in_bf16(bias):
+    # bf16 values cancel exactly in ~0.1% of the columns; a bias sets the vector-wide majority sign
+    shapes = {"attn.weight": (256, 512), "mlp.weight": (512, 256), "bias": (512,)}
+    g = torch.Generator().manual_seed(12)
+    vs = [{k: (torch.randn(s, generator=g) + bias).to(torch.bfloat16) for k, s in shapes.items()} for _ in range(8)]
+    expected = ties_reference(vs, 0.5, 1.0)
+    got = merge(vs, "ties", density=0.5, scaling=1.0, dtype=torch.float32)
+    assert_close_dicts(got, expected, atol=0, rtol=0)
+    assert_close_dicts(merge(vs, "ties", density=0.5, scaling=1.0), expected, atol=0, rtol=0)  # bf16 output
+    # the case is exercised: many columns tie, and the rule picks the side named by the majority
+    m = flatten(vs)
+    m = m * (m.abs() >= m.abs().kthvalue(m.shape[1] - int(m.shape[1] * 0.5), dim=1, keepdim=True).values)
+    tied = (m.sum(0) == 0) & (m != 0).any(0)
+    assert int(tied.sum()) > 100
+    side = flatten([got])[0][tied]
+    assert bool((side < 0).all()) if bias < 0 else bool((side > 0).all())
+
+
+def test_ties_balanced_majority_keeps_the_negative_side_as_the_authors_code_does():
+    v1, v2 = {"w": torch.tensor([2.0, -2.0, 0.5])}, {"w": torch.tensor([-2.0, 2.0, -0.5])}
+    # every column sums to 0 and the elected signs sum to 0: the authors' rule keeps the negatives
+    assert merge([v1, v2], "ties", density=1.0, scaling=1.0)["w"].tolist() == [-2.0, -2.0, -0.5]
+    v3 = {"w": torch.tensor([2.0, -2.0, 0.5, 1.0])}
+    v4 = {"w": torch.tensor([-2.0, 2.0, -0.5, 1.0])}
+    # one positive elected sign makes the majority +1: the tied columns keep their positive entries
+    assert merge([v3, v4], "ties", density=1.0, scaling=2.0)["w"].tolist() == [4.0, 4.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize("method", [m for m in sorted(METHODS) if METHODS[m].scalable])
@@ -172,6 +254,23 @@ def test_low_precision_inputs_keep_their_dtype():
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
     expected = ties_reference([{k: v.float() for k, v in d.items()} for d in vs], 0.5, 1.0)
     assert_close_dicts(merged, expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_requested_float32_output_is_the_exact_float32_merge_of_fp16_inputs(method):
+    args = {"pcb": {"ratio": 0.5}}.get(method, {})  # PCB's default keeps too few entries to overlap
+    halves = [{k: v.half() for k, v in d.items()} for d in random_vectors(3, seed=11)]
+    got = merge(halves, method, dtype=torch.float32, **args)
+    expected = merge([{k: v.float() for k, v in d.items()} for d in halves], method, **args)
+    assert_close_dicts(got, expected, atol=0, rtol=0)
+    # the float32 results are not all representable in fp16: rounding there would have shown
+    assert any(not torch.equal(t, t.half().float()) for t in got.values())
+
+
+def test_fp16_sums_beyond_the_fp16_range_are_finite_in_requested_float32():
+    vs = [{"w": torch.full((4,), 30000.0, dtype=torch.float16)} for _ in range(3)]
+    merged = merge(vs, "task_arithmetic", scaling=1.0, dtype=torch.float32)["w"]
+    assert merged.dtype == torch.float32 and merged.tolist() == [90000.0] * 4
 
 
 def test_output_dtype_can_be_requested():

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .registry import MergeError, get_method
-from .streaming import check_vectors
+from .streaming import check_vectors, input_dtypes
 
 
 def merge(
@@ -24,7 +24,9 @@ def merge(
 
     ``method_args`` are the method's declared parameters (``scaling`` = λ, ``density`` = kept
     fraction, as in PEFT); unknown or ill-typed ones raise a MergeError listing the valid ones.
-    Computation is float32; the result has the input dtype unless ``dtype`` is given.
+    Methods compute and return float32; the result is cast once at the end, to ``dtype`` when given,
+    else to task vector 0's dtype per tensor (so fp16 inputs with ``dtype=torch.float32`` give the
+    exact float32 result, never one rounded to fp16 first).
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise MergeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}.")
@@ -32,6 +34,5 @@ def merge(
     args = spec.resolve(method_args)
     check_vectors(vectors)
     merged = spec.fn(list(vectors), progress=progress, **args)
-    if dtype is not None:
-        merged = {name: tensor.to(dtype) for name, tensor in merged.items()}
-    return merged
+    targets = dict.fromkeys(merged, dtype) if dtype is not None else input_dtypes(vectors[0], merged)
+    return {name: tensor.to(targets[name]) for name, tensor in merged.items()}

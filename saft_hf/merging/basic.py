@@ -11,7 +11,7 @@ from .streaming import TensorReader, iter_names
 
 
 def _summed(vectors: Sequence[Mapping[str, Tensor]], factor: float, progress: bool, desc: str) -> dict[str, Tensor]:
-    """factor · Σ_i τ_i, computed tensor by tensor and cast back to the input dtype."""
+    """factor · Σ_i τ_i in float32, computed tensor by tensor (``merge`` casts the result)."""
     reader = TensorReader(vectors)
     merged: dict[str, Tensor] = {}
     for name in iter_names(list(vectors[0].keys()), progress, desc):
@@ -19,7 +19,7 @@ def _summed(vectors: Sequence[Mapping[str, Tensor]], factor: float, progress: bo
         total = tensors[0].clone()
         for tensor in tensors[1:]:
             total += tensor
-        merged[name] = (total * factor).to(reader.dtypes[name])
+        merged[name] = total.mul_(factor)
     return merged
 
 

@@ -38,11 +38,13 @@ class DroppedTaskVector(Mapping[str, Tensor]):
 
     def __init__(self, vector: Mapping[str, Tensor], index: int, density: float, seed: int) -> None:
         self.vector, self.index, self.density, self.seed = vector, index, density, seed
-        self.dtypes: dict[str, torch.dtype] = {}
+        # the merge's TensorReader checks finiteness once on the dropped values (NaN/inf survive ×)
+        self._read = getattr(vector, "read_unchecked", vector.__getitem__)
 
     def __getitem__(self, name: str) -> Tensor:
-        tensor = self.vector[name]
-        self.dtypes[name] = tensor.dtype
+        tensor = self._read(name)
+        if not tensor.is_floating_point():
+            return tensor  # left for the TensorReader to reject with the vector's index
         return drop_and_rescale(tensor, self.density, tensor_seed(self.seed, self.index, name))
 
     def __iter__(self) -> Iterator[str]:
@@ -83,4 +85,4 @@ def dare(
         merged = ties(views, density=1.0, scaling=scaling, progress=progress)
     else:
         merged = task_arithmetic(views, scaling=scaling, progress=progress)
-    return {name: value.to(views[0].dtypes[name]) for name, value in merged.items()}
+    return merged

@@ -36,12 +36,11 @@ def magnitude_thresholds(
 
 
 def elect_sign(trimmed: Tensor) -> Tensor:
-    """±1 per entry: the sign of Σ_i trimmed τ_i over dim 0 (TIES step 2, "Elect").
+    """sign(Σ_i trimmed τ_i) over dim 0 (TIES step 2, "Elect"): ±1, and 0 where the sum is exactly 0.
 
-    A sum of exactly 0 elects +1, as PEFT's ``calculate_majority_sign_mask`` does (the TIES reference
-    code uses the vector-wide majority sign there instead; the case has measure zero).
+    The zeros are ties, resolved once the whole vector is known (see ``DisjointMerge``).
     """
-    return torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0)
+    return torch.sign(trimmed.sum(dim=0))
 
 
 def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
@@ -51,6 +50,48 @@ def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
     """
     agree = trimmed * sign > 0
     return (trimmed * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+
+
+class DisjointMerge:
+    """Steps 2-3 block by block, with ties (Σ_i τ_i = 0) decided by the whole vector's majority sign.
+
+    The TIES authors' code (``resolve_zero_signs``, github.com/prateeksr/TIES-Merging) sets a zero
+    elected sign to sign(Σ over all entries of the elected signs); if that is 0 too, the sign stays
+    0 and their ``disjoint_merge`` keeps the negative entries. The majority is known only after the
+    last tensor, so ``block`` writes the positive candidate and keeps the negative one for ``resolve``.
+    """
+
+    def __init__(self) -> None:
+        self.majority = 0  # Σ of the elected signs so far (ties count 0)
+        self._negative: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+    def block(self, name: str, trimmed: Tensor, offset: int) -> Tensor:
+        """disjoint_mean(trimmed, elected sign) of one (n, chunk) block; ``trimmed`` is overwritten.
+
+        In place, as Σ_i max(s·τ_i, 0) · s (s = ±1): equal bitwise to the sum of the agreeing τ_i,
+        since negation commutes with rounding.
+        """
+        sign = elect_sign(trimmed)
+        self.majority += int(sign.sum())
+        tie = sign == 0
+        sign.masked_fill_(tie, 1.0)
+        trimmed.mul_(sign)
+        count = (trimmed > 0).sum(dim=0)
+        # a zero sum with a positive entry has a negative one too: a real tie (all-zero columns are not)
+        tied = tie.logical_and_(count > 0).nonzero().squeeze(1)
+        if tied.numel():  # those columns were multiplied by +1: still the trimmed values
+            negative = disjoint_mean(trimmed[:, tied], torch.tensor(-1.0))
+            self._negative.setdefault(name, []).append((tied + offset, negative))
+        return trimmed.clamp_(min=0).sum(dim=0).mul_(sign).div_(count.clamp_(min=1))
+
+    def resolve(self, merged: dict[str, Tensor], scaling: float) -> None:
+        """Write the negative candidates into ``merged`` (flat views) unless the majority sign is +1."""
+        if self.majority > 0:
+            return
+        for name, parts in self._negative.items():
+            flat = merged[name].view(-1)
+            for index, value in parts:
+                flat[index] = value * scaling
 
 
 @register_method(
@@ -72,6 +113,8 @@ def ties(
     """TIES-Merging: λ · disjoint_mean(elect_sign(trimmed τ_i)), trimming each whole vector (step 1, "Trim")."""
     reader = TensorReader(vectors)  # shared, so finiteness is checked on the first pass only
     thresholds = magnitude_thresholds(vectors, density, progress, reader)
+    threshold_column = torch.tensor(thresholds).unsqueeze(1) if thresholds is not None else None
+    combine = DisjointMerge()
     merged: dict[str, Tensor] = {}
     for name in iter_names(list(vectors[0].keys()), progress, "ties"):
         tensors = reader.read(name)
@@ -80,8 +123,9 @@ def ties(
         out = torch.empty_like(flat[0])
         for part in chunks(out.numel()):
             trimmed = torch.stack([f[part] for f in flat])  # a fresh (n, chunk) copy: trimmed in place
-            if thresholds is not None:
-                trimmed.mul_(trimmed.abs() >= torch.tensor(thresholds).unsqueeze(1))
-            out[part] = disjoint_mean(trimmed, elect_sign(trimmed))
-        merged[name] = out.mul_(scaling).view(shape).to(reader.dtypes[name])
+            if threshold_column is not None:
+                trimmed.mul_(trimmed.abs() >= threshold_column)
+            out[part] = combine.block(name, trimmed, part.start)
+        merged[name] = out.mul_(scaling).view(shape)
+    combine.resolve(merged, scaling)
     return merged
