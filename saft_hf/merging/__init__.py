@@ -1,6 +1,6 @@
 """Merging task vectors: one function per method, registered by name, computed tensor by tensor."""
 
-from . import basic, dare, pcb, ties  # noqa: F401  (importing registers the methods)
+from . import basic, dare, iso, pcb, ties, tsv  # noqa: F401  (importing registers the methods)
 from .api import merge
 from .registry import (
     METHODS,
