@@ -229,3 +229,54 @@ def test_declared_defaults_and_search_grids():
         assert grid[0] == 0.1 and grid[-1] == 3.0 and len(grid) == 30  # authors' linspace(0, 3, 31)[1:]
     with pytest.raises(MergeError, match="common_share"):
         merge(random_vectors(2), "iso_cts", common_share=0.0)
+
+
+# ------------------------------------------------------------------------------ saft-merge end to end
+@pytest.fixture(scope="module")
+def cli_vector_dirs(tiny_clip_dir, tmp_path_factory):
+    from tests.fixtures_clip import TINY_TASKS
+    from tests.test_cli_merge import _make_vector
+
+    root = tmp_path_factory.mktemp("svd-vectors")
+    return [_make_vector(tiny_clip_dir, task, seed, root / task) for seed, task in enumerate(TINY_TASKS, start=1)]
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_saft_merge_writes_base_plus_the_method_merge(method, tiny_clip_dir, cli_vector_dirs, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from saft_hf.cli.merge import main
+    from saft_hf.clip import load_vision_tower
+    from saft_hf.task_vectors import TaskVector
+
+    out = tmp_path / method
+    args = ["--method-arg", "common_share=0.5"] if method == "iso_cts" else []
+    code = main(["--repos", ",".join(map(str, cli_vector_dirs)), "--method", method, *args, "--scaling", "0.6",
+                 "--output", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    merged = load_file(str(out / "model.safetensors"))
+    base = {n: p.detach() for n, p in load_vision_tower(tiny_clip_dir).named_parameters()}
+    extra = {"common_share": 0.5} if method == "iso_cts" else {}
+    tau = merge([TaskVector.from_pretrained(d) for d in cli_vector_dirs], method, scaling=0.6, **extra)
+    for name, theta in base.items():
+        torch.testing.assert_close(merged[name], theta + tau[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert any(t.dim() == 2 and torch.count_nonzero(t) for t in tau.values())  # not a vacuous merge
+    config = json.loads((out / "merge_config.json").read_text())
+    assert config["method"] == method and config["method_args"] == {**extra, "scaling": 0.6}
+
+
+def test_saft_merge_search_uses_the_method_grid(cli_vector_dirs, tiny_task_data_dir, tmp_path):
+    import json
+
+    from saft_hf.cli.merge import main
+
+    out = tmp_path / "iso-search"
+    code = main(["--repos", ",".join(map(str, cli_vector_dirs)), "--method", "iso_c", "--search",
+                 "--data-dir", str(tiny_task_data_dir), "--max-eval-samples", "4", "--batch-size", "4",
+                 "--output", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    search = json.loads((out / "results.json").read_text())["search"]
+    assert [row["scaling"] for row in search["table"]] == list(METHODS["iso_c"].grid)
+    assert search["best_scaling"] == max(search["table"], key=lambda row: row["score"])["scaling"]
