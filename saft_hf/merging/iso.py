@@ -25,11 +25,10 @@ from torch import Tensor
 
 from .registry import MethodParam, check_fraction, register_method, scaling_param
 from .subspaces import (
-    is_task_matrix,
     layer_mean,
+    merge_per_layer,
     numerical_rank,
     orthogonalize,
-    per_layer,
     thin_svd,
     top_components,
 )
@@ -90,13 +89,7 @@ def iso_c(
     vectors: Sequence[Mapping[str, Tensor]], *, scaling: float = 1.0, progress: bool = False
 ) -> dict[str, Tensor]:
     """Iso-C, one layer at a time."""
-    merged: dict[str, Tensor] = {}
-    for name, tensors, reader in per_layer(vectors, progress, "iso_c"):
-        matrix = is_task_matrix(name, tensors[0].shape)
-        out = isotropic_common_merge(tensors) if matrix else layer_mean(tensors)
-        del tensors
-        merged[name] = out.mul_(scaling).to(reader.dtypes[name])
-    return merged
+    return merge_per_layer(vectors, isotropic_common_merge, scaling, progress, "iso_c")
 
 
 @register_method(
@@ -122,12 +115,8 @@ def iso_cts(
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Iso-CTS, one layer at a time."""
-    merged: dict[str, Tensor] = {}
-    for name, tensors, reader in per_layer(vectors, progress, "iso_cts"):
-        if is_task_matrix(name, tensors[0].shape):
-            out = isotropic_common_task_specific_merge(tensors, common_share)
-        else:
-            out = layer_mean(tensors)
-        del tensors
-        merged[name] = out.mul_(scaling).to(reader.dtypes[name])
-    return merged
+
+    def merge_matrices(matrices: list[Tensor]) -> Tensor:
+        return isotropic_common_task_specific_merge(matrices, common_share)
+
+    return merge_per_layer(vectors, merge_matrices, scaling, progress, "iso_cts")

@@ -7,7 +7,7 @@ layer's T matrices and their SVDs at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -97,13 +97,26 @@ def layer_mean(tensors: Sequence[Tensor]) -> Tensor:
     return total.div_(len(tensors))
 
 
-def per_layer(
-    vectors: Sequence[Mapping[str, Tensor]], progress: bool, desc: str
-) -> Iterator[tuple[str, list[Tensor], TensorReader]]:
-    """Yield ``(name, the T float32 tensors of that parameter, reader)`` one parameter at a time."""
+def merge_per_layer(
+    vectors: Sequence[Mapping[str, Tensor]],
+    merge_matrices: Callable[[list[Tensor]], Tensor],
+    scaling: float,
+    progress: bool,
+    desc: str,
+) -> dict[str, Tensor]:
+    """α · ``merge_matrices`` of each task matrix's T copies, α · the mean for other parameters.
+
+    One parameter is read (as float32) at a time and cast back to the input dtype, so only one
+    layer's T tensors and what ``merge_matrices`` derives from them are alive at once.
+    """
     reader = TensorReader(vectors)
+    merged: dict[str, Tensor] = {}
     for name in iter_names(list(vectors[0].keys()), progress, desc):
-        yield name, reader.read(name), reader
+        tensors = reader.read(name)
+        out = merge_matrices(tensors) if is_task_matrix(name, tensors[0].shape) else layer_mean(tensors)
+        del tensors
+        merged[name] = out.mul_(scaling).to(reader.dtypes[name])
+    return merged
 
 
 __all__ = [
@@ -111,7 +124,7 @@ __all__ = [
     "layer_mean",
     "numerical_rank",
     "orthogonalize",
-    "per_layer",
+    "merge_per_layer",
     "thin_svd",
     "top_components",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .registry import register_method, scaling_param
-from .subspaces import is_task_matrix, layer_mean, orthogonalize, per_layer, top_components
+from .subspaces import merge_per_layer, orthogonalize, top_components
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +58,18 @@ def tsv_m(
     vectors: Sequence[Mapping[str, Tensor]], *, scaling: float = 1.0, progress: bool = False
 ) -> dict[str, Tensor]:
     """TSV-M, one layer at a time: T task matrices and their SVDs are the only large live tensors."""
-    merged: dict[str, Tensor] = {}
-    skipped = []
-    for name, tensors, reader in per_layer(vectors, progress, "tsv_m"):
-        if is_task_matrix(name, tensors[0].shape):
-            if min(tensors[0].shape) < len(tensors):
-                skipped.append(name)
-            out = task_singular_vectors_merge(tensors)
-        else:
-            out = layer_mean(tensors)
-        del tensors
-        merged[name] = out.mul_(scaling).to(reader.dtypes[name])
-    if skipped:
+    empty = []
+
+    def merge_matrices(matrices: list[Tensor]) -> Tensor:
+        if min(matrices[0].shape) < len(matrices):
+            empty.append(tuple(matrices[0].shape))
+        return task_singular_vectors_merge(matrices)
+
+    merged = merge_per_layer(vectors, merge_matrices, scaling, progress, "tsv_m")
+    if empty:
         logger.warning(
-            "tsv_m: %d matrices have fewer rows or columns than the %d task vectors, so ⌊r/T⌋ = 0 "
-            "components are kept and they merge to zero (as in the authors' code), e.g. %r.",
-            len(skipped), len(vectors), skipped[0],
+            "tsv_m: %d matrices (e.g. of shape %s) have fewer rows or columns than the %d task vectors, so "
+            "⌊r/T⌋ = 0 components are kept and they merge to zero, as in the authors' code.",
+            len(empty), empty[0], len(vectors),
         )
     return merged
