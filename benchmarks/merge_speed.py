@@ -184,9 +184,10 @@ def main(argv: list[str] | None = None) -> None:
               f"torch threads {torch.get_num_threads()}")
         rows = []
         for method in args.methods:
-            rows.append(("saft", method, measure("saft", method, paths, repeats)))
-            if method in PEFT_METHODS and not args.no_peft:
-                rows.append(("peft", method, measure("peft", method, paths, repeats)))
+            impls = ["saft"] + (["peft"] if method in PEFT_METHODS and not args.no_peft else [])
+            for impl in impls:
+                rows.append((impl, method, measure(impl, method, paths, repeats)))
+                print(f"  {impl} {method}: {json.dumps(rows[-1][2])}", flush=True)  # kept if a later row fails
     print(f"\n{'impl':<5} {'method':<16} {'seconds':>8} {'CPU s':>8} {'peak MiB':>9} {'peak/vector':>11}")
     for impl, method, r in rows:
         print(f"{impl:<5} {method:<16} {r['seconds']:>8.2f} {r['cpu_seconds']:>8.2f} {r['peak_mib']:>9.0f} "

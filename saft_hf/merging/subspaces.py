@@ -30,12 +30,17 @@ def is_task_matrix(name: str, shape: Sequence[int]) -> bool:
 def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``U, S, Vh`` of the thin SVD of ``matrix`` (m × n), computed on its tall orientation.
 
-    LAPACK's gesdd is ~2.5× faster on a 3072 × 768 matrix than on its 768 × 3072 transpose.
+    LAPACK's gesdd is ~2.5× faster on a 3072 × 768 matrix than on its 768 × 3072 transpose. When it
+    fails to converge in float32 (it can on clustered singular values) it is retried in float64.
     """
-    if matrix.shape[0] >= matrix.shape[1]:
+    if matrix.shape[0] < matrix.shape[1]:
+        u, s, vh = thin_svd(matrix.T)
+        return vh.T, s, u.T
+    try:
         return torch.linalg.svd(matrix, full_matrices=False)
-    u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
-    return vh.T, s, u.T
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
 def numerical_rank(singular_values: Tensor, shape: Sequence[int]) -> int:
@@ -81,12 +86,17 @@ def orthogonalize(columns: Tensor) -> Tensor:
     """The matrix with orthonormal columns nearest to ``columns`` (m × p, p ≤ m): ``U Vᵀ`` of its SVD.
 
     This is orthogonal Procrustes (Schönemann 1966), the decorrelation step of TSV-M (Gargiulo et
-    al. 2025) and of Iso-CTS (Marczak et al. 2025) on concatenated singular vectors. (A float64
-    eigendecomposition of XᵀX was no faster on 768-wide blocks, and a float32 one loses accuracy
-    when tasks share directions.)
+    al. 2025) and of Iso-CTS (Marczak et al. 2025) on concatenated singular vectors. Computed as
+    ``X (XᵀX)^(-1/2)`` from a float64 eigendecomposition of the p × p Gram matrix: the columns are
+    near-orthonormal, so their singular values cluster at 1, where float32 gesdd can fail to
+    converge (it did on a 3072 × 768 block of 8 ViT-B/32-shaped task vectors) while ``eigh`` does
+    not. Directions with a numerically zero eigenvalue (linearly dependent columns) map to 0.
     """
-    u, _, vh = thin_svd(columns)
-    return u @ vh
+    gram = columns.double().T @ columns.double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    tolerance = float(eigenvalues[-1].clamp(min=0)) * max(columns.shape) * _EPS**2
+    scale = torch.where(eigenvalues > tolerance, eigenvalues.clamp(min=tolerance).rsqrt(), 0.0)
+    return columns @ ((eigenvectors * scale) @ eigenvectors.T).to(columns.dtype)
 
 
 def layer_mean(tensors: Sequence[Tensor]) -> Tensor:
