@@ -5,10 +5,12 @@ written as safetensors files; every (method, implementation) runs in a fresh sub
 reports the median wall time of a few repeats and its peak RSS (ru_maxrss) above its resident
 size after imports. PEFT's ``merge_utils`` work on stacked in-memory tensors, so its timing includes
 loading all vectors; note that PEFT's ``ties`` trims per tensor while ours trims each whole vector.
+The SVD methods (TSV-M, Iso-C, Iso-CTS) are reported as a multiple of TIES's time in the same run.
 
     python benchmarks/merge_speed.py            # ViT-B/32, 8 vectors, 3 repeats
     python benchmarks/merge_speed.py --quick    # 2-layer tower, 4 vectors, 1 repeat
     python benchmarks/merge_speed.py --shapes vit-l-14 --no-peft
+    python benchmarks/merge_speed.py --no-peft --repeats 1 --methods ties tsv_m iso_c iso_cts
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ SAFT_METHODS = {
     "ties": {"density": 0.2, "scaling": 1.0},
     "pcb": {"ratio": 0.05, "scaling": 1.0},
     "dare": {"density": 0.5, "scaling": 0.3},
+    "tsv_m": {"scaling": 1.0},
+    "iso_c": {"scaling": 1.0},
+    "iso_cts": {"common_share": 0.8, "scaling": 1.0},
 }
+SVD_METHODS = ("tsv_m", "iso_c", "iso_cts")  # per-layer SVDs: timed against TIES in the same run
 PEFT_METHODS = ("task_arithmetic", "ties")
 
 
@@ -129,13 +135,16 @@ def child(args: argparse.Namespace) -> None:
     paths = [Path(p) for p in args.paths]
     run = run_saft if args.impl == "saft" else run_peft
     baseline = current_rss_kib()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run(paths, args.method)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline  # KiB on Linux
-    print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak / 1024}))
+    # CPU seconds beside wall seconds: on a machine shared with other jobs the wall time is inflated
+    print(json.dumps({"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times),
+                      "peak_mib": peak / 1024}))
 
 
 def measure(impl: str, method: str, paths: list[Path], repeats: int) -> dict[str, float]:
@@ -175,12 +184,14 @@ def main(argv: list[str] | None = None) -> None:
               f"torch threads {torch.get_num_threads()}")
         rows = []
         for method in args.methods:
-            rows.append(("saft", method, measure("saft", method, paths, repeats)))
-            if method in PEFT_METHODS and not args.no_peft:
-                rows.append(("peft", method, measure("peft", method, paths, repeats)))
-    print(f"\n{'impl':<5} {'method':<16} {'seconds':>8} {'peak MiB':>9} {'peak/vector':>11}")
+            impls = ["saft"] + (["peft"] if method in PEFT_METHODS and not args.no_peft else [])
+            for impl in impls:
+                rows.append((impl, method, measure(impl, method, paths, repeats)))
+                print(f"  {impl} {method}: {json.dumps(rows[-1][2])}", flush=True)  # kept if a later row fails
+    print(f"\n{'impl':<5} {'method':<16} {'seconds':>8} {'CPU s':>8} {'peak MiB':>9} {'peak/vector':>11}")
     for impl, method, r in rows:
-        print(f"{impl:<5} {method:<16} {r['seconds']:>8.2f} {r['peak_mib']:>9.0f} {r['peak_mib'] / vector_mib:>10.2f}x")
+        print(f"{impl:<5} {method:<16} {r['seconds']:>8.2f} {r['cpu_seconds']:>8.2f} {r['peak_mib']:>9.0f} "
+              f"{r['peak_mib'] / vector_mib:>10.2f}x")
     results = {(impl, method): r for impl, method, r in rows}
     print()
     for method in PEFT_METHODS:
@@ -188,6 +199,14 @@ def main(argv: list[str] | None = None) -> None:
             s, p = results["saft", method], results["peft", method]
             print(f"{method}: saft/peft time {s['seconds'] / p['seconds']:.2f}x, "
                   f"peak RSS {s['peak_mib']:.0f} vs {p['peak_mib']:.0f} MiB ({s['peak_mib'] / p['peak_mib']:.2f}x)")
+    if ("saft", "ties") in results:
+        ties_seconds = results["saft", "ties"]["seconds"]
+        for method in SVD_METHODS:
+            if ("saft", method) in results:
+                ties_cpu = results["saft", "ties"]["cpu_seconds"]
+                print(f"{method}: {results['saft', method]['seconds'] / ties_seconds:.2f}x the wall time of TIES, "
+                      f"{results['saft', method]['cpu_seconds'] / ties_cpu:.2f}x its CPU time (target ≤ 3x for "
+                      "tsv_m and iso_c)")
     over = [f"{m}" for i, m, r in rows if i == "saft" and r["peak_mib"] > 3 * vector_mib]
     print(f"peak RSS ≤ 3× one task vector ({3 * vector_mib:.0f} MiB): "
           + ("all saft methods" if not over else "EXCEEDED by " + ", ".join(over)))

@@ -340,7 +340,7 @@ def test_differing_shapes_name_the_parameter_and_shapes():
 
 
 def test_unknown_method_lists_available_ones():
-    with pytest.raises(MergeError, match="unknown merge method 'slerp'.*dare, pcb, task_arithmetic, ties"):
+    with pytest.raises(MergeError, match="unknown merge method 'slerp'; available methods: .*dare, .*pcb, task_arithmetic, ties"):
         merge(random_vectors(2), "slerp")
 
 

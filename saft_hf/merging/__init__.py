@@ -1,6 +1,6 @@
 """Merging task vectors: one function per method, registered by name, computed tensor by tensor."""
 
-from . import adamerging, basic, dare, pcb, ties  # noqa: F401  (importing registers the methods)
+from . import adamerging, basic, dare, iso, pcb, ties, tsv  # noqa: F401  (importing registers the methods)
 from .adamerging import AdaMergingResult, adamerging_coefficients
 from .api import merge
 from .registry import (
