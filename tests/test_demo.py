@@ -133,7 +133,7 @@ def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
     output = toy_run["output"]
     results = json.loads((output / "results.json").read_text())
     summary = results["summary"]
-    assert set(summary) == {"zero_shot", "individual", "task_arithmetic", "ties", "pcb"}
+    assert set(summary) == {"zero_shot", "individual", "task_arithmetic", "ties", "pcb", "tsv_m", "iso_c", "iso_cts"}
     for row in summary.values():
         diff = row["sam"]["mean"]["mean"] - row["standard"]["mean"]["mean"]
         assert row["difference"]["sam"]["mean"]["mean"] == pytest.approx(diff)

@@ -9,6 +9,9 @@ from typing import Any
 from .base import BaseSpec
 from .data import TASK_NAMES
 
+# Every data-free merging method the demo compares, each with its coefficients searched on validation.
+DEMO_METHODS = ("task_arithmetic", "ties", "pcb", "tsv_m", "iso_c", "iso_cts")
+
 VARIANT_NAMES = ("standard", "asam", "sam")
 
 
@@ -43,7 +46,9 @@ class DemoArguments:
             "choices": list(PRESETS),
         },
     )
-    output: str = field(default="saft-demo-output", metadata={"help": "Folder for results.json, tables and figures."})
+    output: str = field(
+        default="saft-demo-output", metadata={"help": "Folder for results.json, tables and figures."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output folder."})
     tasks: list[str] = field(
         default_factory=lambda: list(TASK_NAMES),
@@ -57,20 +62,31 @@ class DemoArguments:
             "reference the others are compared with."
         },
     )
-    seeds: int = field(default=1, metadata={"help": "Number of seeds (data, heads, fine-tuning); mean ± std over them."})
+    seeds: int = field(
+        default=1, metadata={"help": "Number of seeds (data, heads, fine-tuning); mean ± std over them."}
+    )
     seed_start: int = field(
-        default=0, metadata={"help": "First seed: runs seeds S..S+N-1, so results can be checked on seeds nobody tuned on."}
+        default=0,
+        metadata={
+            "help": "First seed: runs seeds S..S+N-1, so results can be checked on seeds nobody tuned on."
+        },
     )
     steps: int = field(default=500, metadata={"help": "Fine-tuning steps per task and variant."})
     batch_size: int = field(default=32, metadata={"help": "Fine-tuning batch size."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (cosine schedule)."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (0.1 as in the SAFT paper)."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (0.1 as in the SAFT paper)."}
+    )
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps for linear warm-up."})
     # SAM ρ=0.05 was chosen over ASAM ρ=0.5 (the SAFT paper's two settings) by one validation check on
     # shapes/counts/textures, seed 0, at these defaults: mean validation accuracy 76.0% vs 69.7%
     # (standard: 77.7%). Checked once, before any merging result was seen.
-    sam_rho: float = field(default=0.05, metadata={"help": "ρ of the 'sam' variant (the SAFT paper's SAM setting)."})
-    asam_rho: float = field(default=0.5, metadata={"help": "ρ of the 'asam' variant (the SAFT paper's ASAM setting)."})
+    sam_rho: float = field(
+        default=0.05, metadata={"help": "ρ of the 'sam' variant (the SAFT paper's SAM setting)."}
+    )
+    asam_rho: float = field(
+        default=0.5, metadata={"help": "ρ of the 'asam' variant (the SAFT paper's ASAM setting)."}
+    )
     task_domains: str = field(
         default="distinct",
         metadata={
@@ -84,26 +100,37 @@ class DemoArguments:
     n_test: int = field(default=300, metadata={"help": "Test images per task."})
     lambda_grid: list[float] | None = field(
         default=None,
-        metadata={"help": "λ grid searched on validation for every merging method (default: each method's own)."},
+        metadata={
+            "help": "λ grid searched on validation for every merging method (default: each method's own)."
+        },
     )
     ties_densities: list[float] = field(
         default_factory=lambda: [0.1, 0.2, 0.3],
         metadata={"help": "TIES kept fractions searched (the SAFT code's trim rates 0.9/0.8/0.7)."},
     )
-    pcb_ratios: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2], metadata={"help": "PCB ratios searched."})
-    analysis_pairs: int = field(
-        default=2, metadata={"help": "Task pairs analysed (ξ and joint-loss maps): (1st, 2nd), (3rd, 4th), ... tasks."}
+    pcb_ratios: list[float] = field(
+        default_factory=lambda: [0.05, 0.1, 0.2], metadata={"help": "PCB ratios searched."}
     )
-    analysis_samples: int = field(default=200, metadata={"help": "Test images per task for the analysis maps."})
+    analysis_pairs: int = field(
+        default=2,
+        metadata={"help": "Task pairs analysed (ξ and joint-loss maps): (1st, 2nd), (3rd, 4th), ... tasks."},
+    )
+    analysis_samples: int = field(
+        default=200, metadata={"help": "Test images per task for the analysis maps."}
+    )
     analysis_alphas: list[float] = field(
         default_factory=lambda: [-0.5 + 0.25 * i for i in range(9)],
         metadata={"help": "Coefficients α₁, α₂ of the analysis grids."},
     )
     cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where the pre-trained base is cached (default $SAFT_HF_CACHE/demo or ~/.cache/saft_hf/demo)."},
+        metadata={
+            "help": "Where the pre-trained base is cached (default $SAFT_HF_CACHE/demo or ~/.cache/saft_hf/demo)."
+        },
     )
-    base_pretrain_steps: int = field(default=4000, metadata={"help": "Pretext pre-training steps of the base."})
+    base_pretrain_steps: int = field(
+        default=4000, metadata={"help": "Pretext pre-training steps of the base."}
+    )
     base_pretext: str = field(
         default="attributes",
         metadata={
@@ -121,15 +148,35 @@ class DemoArguments:
             "choices": ["coarse", "fine"],
         },
     )
-    base_pretext_scenes: int = field(default=20000, metadata={"help": "'attributes' pretext: training scenes."})
+    base_pretext_scenes: int = field(
+        default=20000, metadata={"help": "'attributes' pretext: training scenes."}
+    )
     base_pretext_classes: int = field(default=64, metadata={"help": "'recipes' pretext: classes."})
-    base_pretext_per_class: int = field(default=100, metadata={"help": "'recipes' pretext: images per class."})
+    base_pretext_per_class: int = field(
+        default=100, metadata={"help": "'recipes' pretext: images per class."}
+    )
     base_hidden_size: int = field(default=64, metadata={"help": "Hidden size of the base ViT."})
     base_layers: int = field(default=3, metadata={"help": "Transformer blocks of the base ViT."})
-    base_patch_size: int = field(default=8, metadata={"help": "Patch size of the base ViT (images are 32×32)."})
-    threads: int = field(
-        default=1, metadata={"help": "torch CPU threads; this tiny model gains little from more (0: min(2, CPU count))."}
+    base_patch_size: int = field(
+        default=8, metadata={"help": "Patch size of the base ViT (images are 32×32)."}
     )
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "torch CPU threads; this tiny model gains little from more (0: min(2, CPU count))."
+        },
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(DEMO_METHODS),
+        metadata={
+            "help": f"Merging methods compared, each with its coefficients searched on validation: {' '.join(DEMO_METHODS)}."
+        },
+    )
+    add_methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "With --combine: also merge the runs' saved task vectors with these methods (e.g. methods "
+                  "added to saft-hf after the runs), exactly as the runs would have."},
+    )  # fmt: skip
     combine: list[str] | None = field(
         default=None,
         metadata={
@@ -155,15 +202,24 @@ class DemoArguments:
             raise ValueError(
                 f"--variants takes distinct names from {' '.join(VARIANT_NAMES)}, got {self.variants}"
             )
+        unknown_methods = [m for m in [*self.methods, *(self.add_methods or [])] if m not in DEMO_METHODS]
+        if unknown_methods or not self.methods:
+            raise ValueError(
+                f"--methods/--add-methods take names from {' '.join(DEMO_METHODS)}, got {unknown_methods}"
+            )
         if self.seed_start < 0:
             raise ValueError(f"--seed-start must be >= 0, got {self.seed_start}")
         for name in ("sam_rho", "asam_rho"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0 (the standard variant is ρ = 0), got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be > 0 (the standard variant is ρ = 0), got {getattr(self, name)}"
+                )
         for name in ("ties_densities", "pcb_ratios"):
             bad = [v for v in getattr(self, name) if not 0 < v <= 1]
             if bad or not getattr(self, name):
-                raise ValueError(f"--{name.replace('_', '-')} values must be in (0, 1], got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} values must be in (0, 1], got {getattr(self, name)}"
+                )
 
     def base_spec(self) -> BaseSpec:
         """The pre-trained base this run uses (and the cache key it is stored under)."""
@@ -198,7 +254,10 @@ class DemoArguments:
 
     def pairs(self) -> list[tuple[str, str]]:
         """The analysed task pairs, fixed by task order (not chosen by outcome)."""
-        return [(self.tasks[2 * k], self.tasks[2 * k + 1]) for k in range(min(self.analysis_pairs, len(self.tasks) // 2))]
+        return [
+            (self.tasks[2 * k], self.tasks[2 * k + 1])
+            for k in range(min(self.analysis_pairs, len(self.tasks) // 2))
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,10 +11,12 @@ from transformers import CLIPVisionModelWithProjection
 from ..clip import ZeroShotHead
 from ..merging import SearchResult, merge, search_coefficients
 from ..task_vectors import add_scaled_
+from .config import DEMO_METHODS as METHODS  # noqa: F401  (re-exported)
 from .config import DemoArguments
 from .finetune import Items, accuracies
 
-METHODS = ("task_arithmetic", "ties", "pcb")
+# A coarser α grid than the registry's 0.1…3.0 for the SVD methods, to keep the demo's search cheap.
+SVD_GRID = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
 
 
 def method_settings(method: str, args: DemoArguments) -> list[dict[str, Any]]:
@@ -45,7 +47,7 @@ def merge_and_evaluate(
             vectors,
             method,
             lambda m: accuracies(m, heads, validation),
-            grid=args.lambda_grid,
+            grid=args.lambda_grid or (SVD_GRID if method in ("tsv_m", "iso_c", "iso_cts") else None),
             method_args=settings,
             progress=False,
         )

@@ -29,7 +29,7 @@ from .base import ensure_base, load_base
 from .config import DemoArguments
 from .data import TASKS
 from .finetune import Items, accuracies, accuracy, finetune, load_splits, prototype_head, sharpness
-from .merging import METHODS, merge_and_evaluate
+from .merging import merge_and_evaluate
 from .report import combine_results, format_tables, summarize_seeds
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,14 @@ TABLE_NAME = "results.md"
 
 
 def _save_vector(
-    base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, settings: Mapping[str, Any], path: Path,
+    base: Any,
+    tuned: Any,
+    head: Any,
+    task: str,
+    variant: str,
+    seed: int,
+    settings: Mapping[str, Any],
+    path: Path,
     base_name: str,
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
@@ -53,7 +60,11 @@ def _save_vector(
         variant=variant,
     )
     vector = TaskVector.from_models(
-        base, tuned, config=config, head={"weight": head.weight, "logit_scale": head.logit_scale}, class_names=head.classnames
+        base,
+        tuned,
+        config=config,
+        head={"weight": head.weight, "logit_scale": head.logit_scale},
+        class_names=head.classnames,
     )
     vector.save_pretrained(path)
     return TaskVector.from_pretrained(path)
@@ -66,7 +77,9 @@ def variant_label(args: DemoArguments, variant: str) -> str:
     return "standard" if rho == 0 else f"{method_name(rho, settings.get('sam_adaptive', False))} ρ={rho:g}"
 
 
-def vector_statistics(vectors: Sequence[Mapping[str, Tensor]], base_state: Mapping[str, Tensor]) -> dict[str, float]:
+def vector_statistics(
+    vectors: Sequence[Mapping[str, Tensor]], base_state: Mapping[str, Tensor]
+) -> dict[str, float]:
     """Mean ‖τ‖, mean ‖τ‖/‖θ0‖ and mean pairwise cosine of the task vectors (floating parameters)."""
     names = [n for n in vectors[0].keys() if n in base_state]
     flat = torch.stack([torch.cat([v[n].float().reshape(-1) for n in names]) for v in vectors])
@@ -82,15 +95,50 @@ def vector_statistics(vectors: Sequence[Mapping[str, Tensor]], base_state: Mappi
     }
 
 
-def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, analyse: bool) -> dict[str, Any]:
-    """One full repetition: data, heads, variants × tasks fine-tunings, merges and (optionally) analysis."""
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+def _seed_inputs(
+    args: DemoArguments, seed: int, base_path: Path
+) -> tuple[Any, dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """The base, its weights, one seed's preprocessed splits and prototype heads (deterministic per seed)."""
     processor = AutoImageProcessor.from_pretrained(base_path)
     base = load_base(base_path)
     base_state = {name: p.detach().clone() for name, p in base.named_parameters()}
     splits = {task: load_splits(task, seed, args, processor) for task in args.tasks}
-    heads = {task: prototype_head(base, splits[task]["train"], TASKS[task].classes, task) for task in args.tasks}
+    heads = {
+        task: prototype_head(base, splits[task]["train"], TASKS[task].classes, task) for task in args.tasks
+    }
+    return base, base_state, splits, heads
+
+
+def _merge_all(
+    args: DemoArguments,
+    methods: Sequence[str],
+    vectors: Mapping[str, Mapping[str, TaskVector]],
+    base: Any,
+    base_state: Mapping[str, Tensor],
+    heads: Mapping[str, ZeroShotHead],
+    splits: Mapping[str, Any],
+    stats: Mapping[str, Mapping[str, float]],
+    desc: str,
+) -> dict[str, dict[str, Any]]:
+    """Every method × variant merged, its coefficients chosen on validation, then tested."""
+    test = {task: splits[task]["test"] for task in args.tasks}
+    validation = {task: splits[task]["validation"] for task in args.tasks}
+    merged: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    jobs = [(method, variant) for method in methods for variant in vectors]
+    for method, variant in tqdm(jobs, desc=desc, disable=not args.progress):
+        task_vectors = [vectors[variant][task] for task in args.tasks]
+        entry = merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
+        entry["lambda"] = entry["scaling"]
+        entry["mean_cosine"] = stats[variant]["mean_cosine"]
+        merged[method][variant] = entry
+    return merged
+
+
+def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, analyse: bool) -> dict[str, Any]:
+    """One full repetition: data, heads, variants × tasks fine-tunings, merges and (optionally) analysis."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    base, base_state, splits, heads = _seed_inputs(args, seed, base_path)
     test = {task: splits[task]["test"] for task in args.tasks}
     validation = {task: splits[task]["validation"] for task in args.tasks}
     zero_shot = accuracies(base, heads, test)
@@ -120,14 +168,9 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, anal
 
     start = time.perf_counter()
     stats = {v: vector_statistics([vectors[v][t] for t in args.tasks], base_state) for v in variants}
-    merged: dict[str, dict[str, Any]] = {m: {} for m in METHODS}
-    merge_jobs = [(method, variant) for method in METHODS for variant in variants]
-    for method, variant in tqdm(merge_jobs, desc=f"merging (seed {seed})", disable=not args.progress):
-        task_vectors = [vectors[variant][task] for task in args.tasks]
-        entry = merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
-        entry["lambda"] = entry["scaling"]
-        entry["mean_cosine"] = stats[variant]["mean_cosine"]
-        merged[method][variant] = entry
+    merged = _merge_all(
+        args, args.methods, vectors, base, base_state, heads, splits, stats, f"merging (seed {seed})"
+    )
     timings["merging"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -161,14 +204,27 @@ def _analyse(
     summaries: dict[str, Any] = {}
     logits_fn = heads_logits_fn(heads)
     for first, second in tqdm(args.pairs(), desc="analysis", disable=not args.progress):
-        data = {t: prepare_eval_data(test[t], max_samples=args.analysis_samples, batch_size=256) for t in (first, second)}
+        data = {
+            t: prepare_eval_data(test[t], max_samples=args.analysis_samples, batch_size=256)
+            for t in (first, second)
+        }
         pairs = {variant: [vectors[variant][first], vectors[variant][second]] for variant in args.variants}
         report = analyze_pairs(
-            base, base_state, pairs, data, logits_fn, tasks=(first, second), alphas=args.analysis_alphas, progress=False
+            base,
+            base_state,
+            pairs,
+            data,
+            logits_fn,
+            tasks=(first, second),
+            alphas=args.analysis_alphas,
+            progress=False,
         )
         folder = output / "analysis" / f"{first}+{second}"
         write_report(report, folder, overwrite=True)
-        summaries[f"{first}+{second}"] = {"folder": str(folder.relative_to(output)), "summary": summarize(report)}
+        summaries[f"{first}+{second}"] = {
+            "folder": str(folder.relative_to(output)),
+            "summary": summarize(report),
+        }
     return summaries
 
 
@@ -176,7 +232,9 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     """The whole benchmark; writes results.json, results.md, task vectors and figures into `args.output`."""
     torch.set_num_threads(args.num_threads())
     started = time.perf_counter()
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:  # refuses an existing output first
+    with atomic_output_dir(
+        args.output, overwrite=args.overwrite
+    ) as staging:  # refuses an existing output first
         base_path, pretrained_now = ensure_base(args.base_spec(), args.cache_dir, progress=args.progress)
         base_seconds = time.perf_counter() - started
         base_info = json.loads((base_path / "pretext.json").read_text())
@@ -202,6 +260,40 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     return results
 
 
+def _add_methods(run: dict[str, Any], folder: Path, methods: Sequence[str], progress: bool) -> None:
+    """Merge a finished run's saved task vectors with more methods, as the run itself would have."""
+    config = {k: v for k, v in run["config"].items() if k in DemoArguments.__dataclass_fields__}
+    args = DemoArguments(**{**config, "combine": None, "add_methods": None, "progress": progress})
+    base_path = Path(run["base"]["path"])
+    if not (base_path / "pretext.json").is_file():
+        raise FileNotFoundError(
+            f"the run's base {base_path} is gone; --add-methods needs the cached base it used"
+        )
+    for seed_result in run["seeds"]:
+        seed = seed_result["seed"]
+        base, base_state, splits, heads = _seed_inputs(args, seed, base_path)
+        vectors = {
+            variant: {
+                t: TaskVector.from_pretrained(folder / "task_vectors" / f"seed-{seed}" / variant / t)
+                for t in args.tasks
+            }
+            for variant in args.variants
+        }
+        new = _merge_all(
+            args,
+            methods,
+            vectors,
+            base,
+            base_state,
+            heads,
+            splits,
+            seed_result["task_vectors"],
+            f"adding methods (seed {seed})",
+        )
+        seed_result["merged"].update(new)
+    run["config"]["methods"] = list(dict.fromkeys([*run["config"].get("methods", []), *methods]))
+
+
 def combine_outputs(args: DemoArguments) -> dict[str, Any]:
     """Merge the seeds of several finished demo outputs into one results.json/results.md in ``args.output``."""
     runs = []
@@ -209,7 +301,10 @@ def combine_outputs(args: DemoArguments) -> dict[str, Any]:
         path = Path(folder) / RESULTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; --combine takes folders written by saft-demo")
-        runs.append(json.loads(path.read_text(encoding="utf-8")))
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if args.add_methods:
+            _add_methods(run, Path(folder), args.add_methods, args.progress)
+        runs.append(run)
     results = combine_results(runs)
     tables = format_tables(results)
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:

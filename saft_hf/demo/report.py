@@ -7,16 +7,21 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .merging import METHODS
-
-ROWS = ("zero_shot", "individual", *METHODS)
 LABELS = {
     "zero_shot": "zero-shot (base + head)",
     "individual": "individual fine-tuned",
     "task_arithmetic": "task arithmetic",
     "ties": "TIES",
     "pcb": "PCB",
+    "tsv_m": "TSV-M",
+    "iso_c": "Iso-C",
+    "iso_cts": "Iso-CTS",
 }
+
+
+def _methods(seeds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The merging methods every seed ran, in the order the first seed ran them."""
+    return [m for m in seeds[0]["merged"] if all(m in s["merged"] for s in seeds)]
 
 
 def t_quantile_975(df: int) -> float:
@@ -65,8 +70,9 @@ def summarize_seeds(
     t-interval.
     """
     reference = variants[0]
+    methods = _methods(seeds)
     summary: dict[str, Any] = {}
-    for row in ROWS:
+    for row in ("zero_shot", "individual", *methods):
         entry: dict[str, Any] = {}
         per_seed: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         for seed in seeds:
@@ -75,7 +81,7 @@ def summarize_seeds(
                 accs = _row_accuracies(seed, row, variant)
                 values = {task: accs[task] for task in tasks}
                 values["mean"] = statistics.fmean(values[task] for task in tasks)
-                if row in METHODS:
+                if row in methods:
                     own = seed["individual"][variant]
                     values["normalized_mean"] = statistics.fmean(accs[t] / max(own[t], 1e-12) for t in tasks)
                     own_mean = statistics.fmean(own[t] for t in tasks)
@@ -130,27 +136,29 @@ def format_tables(results: Mapping[str, Any]) -> str:
     variants = list(results["variants"])
     labels = results["variants"]
     n_seeds = len(results["seeds"])
+    methods = _methods(results["seeds"])
+    rows = ("zero_shot", "individual", *methods)
     mean_rows = []
-    for row in ROWS:
+    for row in rows:
         entry = summary[row]
-        cells = [LABELS[row], *(_cell(entry[v]["mean"]) for v in variants)]
+        cells = [LABELS.get(row, row), *(_cell(entry[v]["mean"]) for v in variants)]
         cells += [_cell(entry["difference"][v]["mean"], signed=True, interval=True) for v in variants[1:]]
         mean_rows.append(cells)
     head = ["test accuracy (%), mean of tasks", *(labels[v] for v in variants)]
     head += [f"{labels[v]} − {labels[variants[0]]} [95% CI]" for v in variants[1:]]
     merge_rows = []
-    for method in METHODS:
+    for method in methods:
         for v in variants:
             stats = summary[method][v]
             merge_rows.append(
-                [LABELS[method], labels[v], _cell(stats["normalized_mean"]), _cell(stats["gap_recovered"]),
+                [LABELS.get(method, method), labels[v], _cell(stats["normalized_mean"]), _cell(stats["gap_recovered"]),
                  f"{stats['lambda']['mean']:.2f}"]
             )  # fmt: skip
     task_rows = []
-    for row in ROWS:
+    for row in rows:
         for v in variants:
             stats = summary[row][v]
-            task_rows.append([LABELS[row], labels[v], *(_cell(stats[t]) for t in tasks), _cell(stats["mean"])])
+            task_rows.append([LABELS.get(row, row), labels[v], *(_cell(stats[t]) for t in tasks), _cell(stats["mean"])])
     parts = [
         f"Seeds: {n_seeds} ({', '.join(str(s['seed']) for s in results['seeds'])}; mean ± std over seeds where > 1; "
         "differences are paired per seed, with a 95% t-interval). Normalised = merged / individual accuracy.",
