@@ -168,3 +168,39 @@ def test_peak_memory_stays_near_one_task_vector(tmp_path):
     assert peaks["ties"] >= vector_mib * 0.9  # the merged output itself is measured
     for method, mib in peaks.items():
         assert mib <= 3 * vector_mib, f"{method} used {mib:.0f} MiB above baseline (vector = {vector_mib:.0f} MiB)"
+
+
+# ------------------------------------------------------------------------- finiteness, once per merge
+def _saved_task_vectors(tmp_path, n=3, bad=None):
+    from saft_hf import TaskVector
+
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(n):
+        tensors = {f"layer{j}.w": torch.randn(20, 30, generator=g) for j in range(4)}
+        if i == bad:
+            tensors["layer2.w"][3, 4] = float("nan")
+        vector = TaskVector(tensors, {"task": f"t{i}"}, check_finite=False)
+        paths.append(vector.save_pretrained(tmp_path / f"tv{i}", model_card=False))
+    return [TaskVector.from_pretrained(p) for p in paths]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_lazy_task_vectors_are_checked_for_finiteness_once_per_tensor_per_merge(method, tmp_path, monkeypatch):
+    import saft_hf.task_vectors as task_vectors
+
+    vectors = _saved_task_vectors(tmp_path)
+    checks: list[str] = []
+    monkeypatch.setattr(task_vectors, "_check_finite", lambda name, *a: checks.append(name))
+    original = streaming._all_finite
+    monkeypatch.setattr(streaming, "_all_finite", lambda t: checks.append("merge") or original(t))
+    merge(vectors, method)
+    # TIES and PCB read every tensor in three passes; each (vector, tensor) is checked once
+    assert checks == ["merge"] * (len(vectors) * 4)
+
+
+def test_non_finite_lazy_task_vector_is_still_refused_by_name(tmp_path):
+    vectors = _saved_task_vectors(tmp_path, bad=1)
+    for method in ("ties", "task_arithmetic"):
+        with pytest.raises(MergeError, match=r"tensor 'layer2.w' of task vector 1 \(.*tv1\) contains NaN or inf"):
+            merge(vectors, method)

@@ -125,9 +125,10 @@ class TensorReader:
                 )
             tensor = tensor.to(torch.float32)
             if first_read and not _all_finite(tensor):
+                source = getattr(self.vectors[index], "source", None)
                 raise MergeError(
-                    f"tensor {name!r} of task vector {index} contains NaN or inf; the fine-tuning "
-                    "diverged or the file is damaged: re-create that task vector."
+                    f"tensor {name!r} of task vector {index}{f' ({source})' if source else ''} contains NaN "
+                    "or inf; the fine-tuning diverged or the file is damaged: re-create that task vector."
                 )
             tensors.append(tensor)
             self._bytes_since_trim += tensor.numel() * 4
