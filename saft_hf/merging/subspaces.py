@@ -125,7 +125,7 @@ def merge_per_layer(
         tensors = reader.read(name)
         out = merge_matrices(tensors) if is_task_matrix(name, tensors[0].shape) else layer_mean(tensors)
         del tensors
-        merged[name] = out.mul_(scaling).to(reader.dtypes[name])
+        merged[name] = out.float().mul_(scaling)  # float32; merge() casts once to the requested dtype
     return merged
 
 
