@@ -41,7 +41,7 @@ TABLE_NAME = "results.md"
 
 def _save_vector(
     base: Any, tuned: Any, head: Any, task: str, variant: str, seed: int, rho: float, adaptive: bool, path: Path,
-    base_name: str,
+    base_name: str, metrics: dict[str, float],
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
     adaptive = adaptive and rho > 0
@@ -50,6 +50,7 @@ def _save_vector(
         base_model=f"saft-demo/{base_name}",
         method=method_name(rho, adaptive),
         hyperparameters={"sam_rho": rho, "sam_adaptive": adaptive, "seed": seed},
+        metrics=metrics,  # validation accuracy: what saft-merge --select normalized divides by
         variant=variant,
     )
     vector = TaskVector.from_models(
@@ -89,7 +90,8 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path) -> d
         train_loss[variant][task] = loss
         path = output / "task_vectors" / f"seed-{seed}" / variant / task
         vectors[variant][task] = _save_vector(
-            base, tuned, heads[task], task, variant, seed, rho, args.sam_adaptive, path, base_path.name
+            base, tuned, heads[task], task, variant, seed, rho, args.sam_adaptive, path, base_path.name,
+            {"accuracy": individual[variant][task], "validation_accuracy": accuracy(tuned, heads[task], validation[task])},
         )
     timings["fine_tuning"] = time.perf_counter() - start
 
