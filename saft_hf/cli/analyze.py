@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vectors", required=True, type=comma_list, help="two task-vector repos/dirs: a,b")
     parser.add_argument("--compare", type=comma_list, help="a second pair c,d (e.g. SAFT vectors) shown side by side")
     parser.add_argument(
-        "--labels", type=comma_list, default=["standard", "SAFT"],
-        help="names of the --vectors and --compare pairs in figures and results (default: standard,SAFT)",
+        "--labels", type=comma_list,
+        help="names of the --vectors and --compare pairs in figures and results, e.g. standard,SAFT (default: the "
+        "fine-tuning method each pair's task vectors record, e.g. standard, SAM, ASAM)",
     )  # fmt: skip
     parser.add_argument("--tasks", type=comma_list, help="task names A,B (default: from the vectors' config)")
     parser.add_argument(
@@ -108,8 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--max-samples must be positive, got {args.max_samples}.")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}.")
-    labels = args.labels
-    if len(labels) != 2 or labels[0] == labels[1]:
+    if args.labels is not None and (len(args.labels) != 2 or args.labels[0] == args.labels[1]):
         parser.error(f"--labels needs two different names, got {args.labels!r}.")
     problem = unwritable_output(args.output) or _missing_data_problem(args.data_dir)
     if problem is not None:
@@ -119,19 +119,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ..analysis import analyze_pairs, block_outputs, summarize, write_report
     from ..analysis.inputs import load_analysis_inputs
+    from ..analysis.report import pair_labels
 
-    pairs = {labels[0]: args.vectors}
-    others = {labels[0]: args.others} if args.others else {}
+    keys = ["--vectors", "--compare"]  # until the pairs are loaded and their recorded methods known
+    pairs = {keys[0]: args.vectors}
+    others = {keys[0]: args.others} if args.others else {}
     if args.compare:
-        pairs[labels[1]] = args.compare
+        pairs[keys[1]] = args.compare
         compare_others = args.compare_others if args.compare_others is not None else args.others
         if compare_others:
-            others[labels[1]] = compare_others
+            others[keys[1]] = compare_others
     try:
         inputs = load_analysis_inputs(
             args.base, pairs, tasks=args.tasks, others=others, data_dir=args.data_dir, split=args.split,
             max_samples=args.max_samples, batch_size=args.batch_size,
         )  # fmt: skip
+        labels = args.labels or pair_labels(list(inputs.pairs.values()), list(inputs.pairs))
+        rename = dict(zip(inputs.pairs, labels))
+        inputs.pairs = {rename[k]: v for k, v in inputs.pairs.items()}
+        inputs.logits_fns = {rename[k]: v for k, v in inputs.logits_fns.items()}
+        inputs.others = {rename[k]: v for k, v in inputs.others.items()}
         report = analyze_pairs(
             inputs.model, inputs.base_state, inputs.pairs, inputs.data, inputs.logits_fns,
             tasks=inputs.tasks, alphas=args.grid, others=inputs.others, others_scale=args.others_scale,
