@@ -19,8 +19,20 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
         "arithmetic, TIES and PCB, and write the accuracy table, results.json and the analysis figures to --output.",
         epilog="Example: saft-demo --seeds 3 --output saft-demo-3seeds",
     )
+    _describe_negations(parser)
     (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     return args
+
+
+NEGATION_HELP = {"progress": "Hide the progress bars (for logs and CI)."}
+
+
+def _describe_negations(parser: HfArgumentParser) -> None:
+    """HfArgumentParser gives ``--no_X`` the help of ``--X`` (``--no_progress``: "Show ... bars"); fix that."""
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            name = action.option_strings[0][len("--no_") :]
+            action.help = NEGATION_HELP.get(name, f"Set --{name} to false.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
