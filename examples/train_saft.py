@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ from typing import Any
 
 import numpy as np
 from accelerate import PartialState
-from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser
+from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, TrainerCallback
 from transformers.utils.hub import cached_file, extract_commit_hash
 
 from saft_hf import sam
+from saft_hf.cli.options import unwritable_output
 from saft_hf.clip import (
     HEAD_WEIGHTS_NAME,
     CLIPImageClassifier,
@@ -38,7 +40,7 @@ from saft_hf.clip import (
 from saft_hf.metrics import load_accuracy
 from saft_hf.task_vector_io import provenance_config
 from saft_hf.task_vectors import TaskVector
-from saft_hf.tasks import TASKS, TaskSpec, load_task, resolve_task
+from saft_hf.tasks import DATA_DIR_ENV, TASKS, TaskSpec, load_task, resolve_task
 from saft_hf.trainer import SAMTrainer, SAMTrainingArguments
 
 # SAFT paper defaults (Sec. 5 / released code); applied with parser.set_defaults so the CLI overrides them.
@@ -56,7 +58,11 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,  # the collator needs pixel_values and labels from the lazy transform
     "save_strategy": "no",
     "report_to": "none",
+    # Not the paper's: log 20 times per run (a fraction of max_steps), so a 30-step run logs too.
+    "logging_steps": 0.05,
+    "logging_first_step": True,
 }
+NOT_HYPERPARAMETERS = ("remove_unused_columns", "save_strategy", "report_to", "logging_steps", "logging_first_step")
 
 
 @dataclass
@@ -95,6 +101,22 @@ class ScriptArguments:
     max_test_samples: int | None = field(
         default=None, metadata={"help": "Evaluate test accuracy on at most this many examples (default: all)."}
     )
+    traceback: bool = field(
+        default=False, metadata={"help": "Show the full traceback of an error instead of one line."}
+    )
+
+
+class UsageError(ValueError):
+    """A wrong option or input found before training; reported as one line naming the fix."""
+
+
+class LogLastStepCallback(TrainerCallback):
+    """Log at the last step too, so a run shorter than ``logging_steps`` still reports loss and ``sam_*``."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
 
 def build_parser() -> HfArgumentParser:
@@ -105,8 +127,11 @@ def build_parser() -> HfArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SAMTrainingArguments]:
-    """Parse the command line; ``--standard`` sets ``sam_rho`` to 0."""
-    script_args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
+    """Parse the command line; ``--standard`` sets ``sam_rho`` to 0. A bad value raises ``UsageError``."""
+    try:
+        script_args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # e.g. SAMTrainingArguments' check of --sam_rho
+        raise UsageError(f"{err} See --help.") from err
     if script_args.standard:
         training_args.sam_rho = 0.0
     return script_args, training_args
@@ -114,6 +139,85 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SAMTrain
 
 def method_name(args: SAMTrainingArguments) -> str:
     return sam.method_name(args.sam_rho, args.sam_adaptive)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names only a local folder can have (a Hub id is ``name`` or ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_inputs(task: str, script_args: ScriptArguments, training_args: SAMTrainingArguments) -> None:
+    """Refuse wrong options before anything is loaded or written, naming the problem and the fix."""
+    problem = unwritable_output(training_args.output_dir)
+    if problem is not None:
+        raise UsageError(problem.replace("the output", "--output_dir"))
+    model = script_args.model_name_or_path
+    if Path(model).expanduser().exists():
+        if not (Path(model).expanduser() / "config.json").is_file():
+            raise UsageError(
+                f"--model_name_or_path {model!r} has no config.json; point it at a CLIP checkpoint folder "
+                "(saved with save_pretrained) or a Hub id like openai/clip-vit-base-patch32."
+            )
+    elif _looks_like_path(model):
+        raise UsageError(
+            f"--model_name_or_path {model!r}: no such folder; check the path, or give a Hub id like "
+            "openai/clip-vit-base-patch32."
+        )
+    data_dir = script_args.data_dir if script_args.data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    flag = "--data_dir" if script_args.data_dir is not None else f"${DATA_DIR_ENV}"
+    if data_dir:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise UsageError(f"{flag} {data_dir!r} is not a folder; point it at the local task data.")
+        if not any(root.iterdir()):
+            raise UsageError(
+                f"{flag} {data_dir!r} is empty; it should hold one folder per task (e.g. {root / 'DTD'}) or one "
+                "task's data (a DatasetDict saved with save_to_disk)."
+            )
+    known = task.lower() in {name.lower() for name in TASKS}
+    if known and data_dir:
+        spec = TASKS[task]
+        names = {spec.name, spec.name.lower(), spec.dataset_id.split("/")[-1]}
+        task_folders = sorted(
+            d.name for d in root.iterdir() if (d / "task_spec.json").is_file() or (d / "dataset_dict.json").is_file()
+        )
+        if task_folders and not names & set(task_folders):
+            raise UsageError(
+                f"{flag} {data_dir!r} holds data for {', '.join(task_folders)} but not for task {spec.name!r}; "
+                f"add {root / spec.name}, or drop {flag} to load {spec.dataset_id} from the Hub."
+            )
+    if not known:
+        local = [root / task, root / task.lower()] if data_dir else []
+        if not any((folder / "task_spec.json").is_file() for folder in local) and not (
+            data_dir and (root / "task_spec.json").is_file()
+        ):
+            where = (
+                f"no {task}/task_spec.json was found in {flag} {data_dir!r}"
+                if data_dir
+                else "no --data_dir holding its data and task_spec.json was given"
+            )
+            raise UsageError(
+                f"unknown task {task!r}: it is not one of {', '.join(TASKS)}, and {where}; pick a built-in task, "
+                "or point --data_dir at a folder with <task>/task_spec.json."
+            )
+
+
+def warn_if_fewer_processes(training_args: SAMTrainingArguments) -> bool:
+    """Warn when ``accelerate launch --num_processes N`` (N > 1) started a single process; True if warned.
+
+    Without ``--multi_gpu`` (or a config saying so), ``accelerate launch --cpu`` runs one process, sets
+    ``MASTER_ADDR`` for N > 1 but no ``WORLD_SIZE``: the run trains with world size 1.
+    """
+    launched = any(key.startswith("ACCELERATE_") for key in os.environ) and "MASTER_ADDR" in os.environ
+    if training_args.world_size != 1 or not launched or "WORLD_SIZE" in os.environ:
+        return False
+    print(
+        "train_saft.py: warning: accelerate launch was asked for more than one process, but this run has world "
+        "size 1 (one process). For N processes on CPU use: accelerate launch --multi_gpu --num_processes N "
+        "examples/train_saft.py ... --use_cpu",
+        file=sys.stderr,
+    )
+    return True
 
 
 def base_revision(model_name_or_path: str, cache_dir: str | None) -> str | None:
@@ -161,8 +265,9 @@ def train_task(
     head_dir = Path(script_args.head_dir) / spec.name if script_args.head_dir else output_dir
     processor = AutoImageProcessor.from_pretrained(script_args.model_name_or_path, cache_dir=script_args.cache_dir)
     with training_args.main_process_first(desc=f"{spec.name}: zero-shot head and data"):
-        head = load_or_build_head(spec, script_args, head_dir)
+        # data first: a task whose data fails to load leaves no head file behind in the output folder
         data = load_task(spec, script_args.data_dir, processor, cache_dir=script_args.cache_dir)
+        head = load_or_build_head(spec, script_args, head_dir)
     vision = load_vision_tower(script_args.model_name_or_path, cache_dir=script_args.cache_dir)
     pretrained = {name: tensor.detach().clone() for name, tensor in vision.state_dict().items()}
     model = CLIPImageClassifier(vision, head)
@@ -174,7 +279,7 @@ def train_task(
         eval_dataset=data["validation"],
         data_collator=collate_image_batch,
         compute_metrics=compute_metrics,
-        callbacks=callbacks,
+        callbacks=[LogLastStepCallback(), *(callbacks or [])],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.wait_for_everyone()
@@ -186,11 +291,15 @@ def train_task(
             batch_size=training_args.per_device_eval_batch_size,
             max_samples=script_args.max_test_samples,
         )
+        # recorded for saft-merge --select normalized, which must choose λ on validation data only
+        validation_accuracy = evaluate_accuracy(
+            model, data["validation"], batch_size=training_args.per_device_eval_batch_size
+        )
         model.save_pretrained(output_dir)
         hyperparameters = {
             key: getattr(training_args, key)
             for key in (*PAPER_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "seed")
-            if key not in ("remove_unused_columns", "save_strategy", "report_to")
+            if key not in NOT_HYPERPARAMETERS
         }
         results = {
             "task": spec.name,
@@ -198,8 +307,14 @@ def train_task(
             "method": method_name(training_args),
             "base_model": script_args.model_name_or_path,
             "test_accuracy": accuracy,
+            "validation_accuracy": validation_accuracy,
             "train_loss": train_result.training_loss,
             "loss_history": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "sam_history": [
+                {key: value for key, value in entry.items() if key == "step" or key.startswith("sam_")}
+                for entry in trainer.state.log_history
+                if any(key.startswith("sam_") for key in entry)
+            ],
             "global_step": trainer.state.global_step,
             "world_size": training_args.world_size,
             "num_examples": {split: len(data[split]) for split in data},
@@ -212,25 +327,54 @@ def train_task(
             base_model_revision=base_revision(script_args.model_name_or_path, script_args.cache_dir),
             method=results["method"],
             hyperparameters=hyperparameters,
-            metrics={"accuracy": accuracy},
+            metrics={"accuracy": accuracy, "validation_accuracy": validation_accuracy},
         )
         task_vector = TaskVector.from_models(pretrained, model.vision_model, config=config, head_dir=output_dir)
         task_vector.save_pretrained(output_dir / "task_vector")
         _write_json(results, output_dir / "results.json")
-        print(f"{spec.name}: test accuracy {accuracy:.4f} ({results['method']}), outputs in {output_dir}")
+        print(
+            f"{spec.name}: test accuracy {accuracy:.4f}, validation accuracy {validation_accuracy:.4f} "
+            f"({results['method']}), outputs in {output_dir}"
+        )
     trainer.accelerator.wait_for_everyone()
     return results
 
 
+def _report_error(err: BaseException) -> None:
+    """One line on stderr, from the main process only (every process hits the same user error)."""
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0"):
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"train_saft.py: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    script_args, training_args = parse_args(argv)
-    tasks = list(TASKS) if script_args.task.lower() == "all" else [script_args.task]
-    root = Path(training_args.output_dir)
-    for task in tasks:
-        training_args.output_dir = str(root / TASKS[task].name) if len(tasks) > 1 else str(root)
-        train_task(task, script_args, training_args)
-    # Destroy the process group before exit: left to interpreter shutdown, gloo's threads can abort it.
-    PartialState().destroy_process_group()
+    """Train each requested task; a user error is one line on stderr and exit status 1."""
+    show_traceback = "--traceback" in (sys.argv[1:] if argv is None else argv)
+    created: list[Path] = []
+    try:
+        script_args, training_args = parse_args(argv)
+        warn_if_fewer_processes(training_args)
+        tasks = list(TASKS) if script_args.task.lower() == "all" else [script_args.task]
+        root = Path(training_args.output_dir)
+        for task in tasks:
+            check_inputs(task, script_args, training_args)
+        for task in tasks:
+            training_args.output_dir = str(root / TASKS[task].name) if len(tasks) > 1 else str(root)
+            if not Path(training_args.output_dir).exists():
+                created.append(Path(training_args.output_dir))
+            train_task(task, script_args, training_args)
+            created = []  # a finished task's outputs are complete: keep them
+    except (UsageError, ValueError, KeyError, OSError) as err:
+        if show_traceback:
+            raise
+        _report_error(err)
+        if PartialState().is_main_process:
+            for folder in created:  # the failed task's folder, when this run made it
+                shutil.rmtree(folder, ignore_errors=True)
+        return 1
+    finally:
+        # Destroy the process group before exit: left to interpreter shutdown, gloo's threads can abort it.
+        PartialState().destroy_process_group()
     return 0
 
 

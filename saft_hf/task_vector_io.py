@@ -73,8 +73,9 @@ def provenance_config(
 ) -> dict[str, Any]:
     """A task-vector config in the one schema that model cards and ``saft-merge`` read.
 
-    ``method``/``hyperparameters`` go under ``finetuning``, ``metrics`` (e.g. ``{"accuracy": 0.97}``, the
-    fine-tuned model's test accuracy used to normalise merged accuracy) under ``metrics``; ``extra``
+    ``method``/``hyperparameters`` go under ``finetuning``, ``metrics`` under ``metrics``: ``accuracy`` is the
+    fine-tuned model's test accuracy (normalises the merged test report), ``validation_accuracy`` its
+    validation accuracy (normalises ``--select normalized``, which must not see test data); ``extra``
     keys are kept as they are. Unset fields are left out.
     """
     config: dict[str, Any] = {"format_version": FORMAT_VERSION}

@@ -19,10 +19,13 @@ from saft_hf.clip import ZeroShotHead, load_vision_tower
 from saft_hf.task_vectors import WEIGHTS_NAME, TaskVector
 from tests.fixtures_clip import TINY_TASKS
 
-FINETUNED_ACCURACY = {"TinyColors": 0.9, "TinyPatterns": 0.8}
+FINETUNED_ACCURACY = {"TinyColors": 0.9, "TinyPatterns": 0.8}  # test accuracy: normalises the --eval report
+FINETUNED_VALIDATION_ACCURACY = {"TinyColors": 0.5, "TinyPatterns": 0.25}  # normalises the --select score
 
 
-def _make_vector(base_dir: Path, task: str, seed: int, target: Path, base_id: str | None = None) -> Path:
+def _make_vector(
+    base_dir: Path, task: str, seed: int, target: Path, base_id: str | None = None, validation: bool = True
+) -> Path:
     """A task vector of a randomly perturbed tiny vision tower, with a zero-shot head for ``task``."""
     base = load_vision_tower(base_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -36,6 +39,8 @@ def _make_vector(base_dir: Path, task: str, seed: int, target: Path, base_id: st
         "metrics": {"accuracy": FINETUNED_ACCURACY[task]},
         "finetuning": {"method": "sam"},
     }
+    if validation:
+        config["metrics"]["validation_accuracy"] = FINETUNED_VALIDATION_ACCURACY[task]
     return TaskVector(tau, config, head_dir=head_dir).save_pretrained(target)
 
 
@@ -113,6 +118,43 @@ def test_search_and_eval_pick_a_grid_lambda_and_write_the_report(
     assert json.loads((out / "merge_config.json").read_text())["scaling"] == search["best_scaling"]
     printed = capsys.readouterr().out
     assert "TinyColors" in printed and f"chosen λ = {search['best_scaling']}" in printed
+
+
+def test_normalized_selection_divides_by_recorded_validation_accuracy_never_test(
+    vector_dirs: list[Path], tiny_task_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "normalized"
+    code = main(["--repos", _repos(vector_dirs), "--method", "task_arithmetic", "--search", "--grid", "0.1,0.5",
+                 "--select", "normalized", "--data-dir", str(tiny_task_data_dir), "--max-eval-samples", "8",
+                 "--output", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    search = json.loads((out / "results.json").read_text())["search"]
+    assert search["normalized"] is True
+    for row in search["table"]:
+        by_validation = sum(row["accuracies"][t] / FINETUNED_VALIDATION_ACCURACY[t] for t in TINY_TASKS) / 2
+        assert math.isclose(row["score"], by_validation)
+    assert json.loads((out / "merge_config.json").read_text())["search"]["selection"] == "normalized"
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_normalized_selection_falls_back_to_raw_validation_accuracy_and_says_so(
+    tiny_clip_dir: Path, tiny_task_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dirs = [_make_vector(tiny_clip_dir, task, seed, tmp_path / task, validation=(task == "TinyColors"))
+            for seed, task in enumerate(TINY_TASKS, start=1)]  # fmt: skip
+    out = tmp_path / "fallback"
+    code = main(["--repos", _repos(dirs), "--method", "task_arithmetic", "--search", "--grid", "0.1,0.5",
+                 "--select", "normalized", "--data-dir", str(tiny_task_data_dir), "--max-eval-samples", "8",
+                 "--output", str(out), "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "note: --select normalized" in captured.out and "raw mean validation accuracy" in captured.out
+    search = json.loads((out / "results.json").read_text())["search"]
+    assert search["normalized"] is False
+    for row in search["table"]:
+        assert math.isclose(row["score"], sum(row["accuracies"].values()) / 2)
+    config = json.loads((out / "merge_config.json").read_text())["search"]
+    assert (config["selection"], config["selection_requested"]) == ("absolute", "normalized")
 
 
 def test_base_is_inferred_from_the_vectors_and_must_agree(
@@ -253,5 +295,93 @@ def test_help_works_as_an_installed_console_script() -> None:
     script = Path(sys.executable).with_name("saft-merge")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for text in ("--repos", "--search", "--method-arg", "ties:", "density=0.2", "Yadav et al. 2023", "pcb:"):
+    for text in ("--repos", "--revisions", "--search", "--select", "--method-arg", "--no-progress", "--list-methods"):
         assert text in result.stdout
+
+
+def test_list_methods_prints_every_registered_method_with_paper_and_parameters() -> None:
+    from saft_hf.cli.merge import EPILOG
+    from saft_hf.merging import METHODS
+
+    script = Path(sys.executable).with_name("saft-merge")
+    result = subprocess.run([str(script), "--list-methods"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for text in ("ties:", "density=0.2", "Yadav et al. 2023", "pcb:"):
+        assert text in result.stdout
+    for name in METHODS:  # the --help epilog names them all without importing the registry
+        assert f"\n{'  '}{name}: " in result.stdout and name in EPILOG
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--repos", "a"], ["--repos", "a,b", "--output", "o", "--grid", "1:0:1"]])
+def test_help_and_usage_errors_do_not_import_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\nfrom saft_hf.cli.merge import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "torch not imported", result.stderr
+
+
+# ----------------------------------------------------------------------------- grids, output path, Ctrl-C
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("0.05:1.0:20", "for 20 values from 0.05 to 1 write 0.05:1:0.05"),  # start:stop:num is not our syntax
+        ("0.3", "a search needs at least two"),
+        ("0.3,0.3", "a search needs at least two"),
+        ("0.5:0.5:0.1", "a search needs at least two"),
+    ],
+)
+def test_search_grid_with_fewer_than_two_values_is_a_usage_error(
+    grid: str, message: str, vector_dirs: list[Path], tiny_task_data_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    code = main(["--repos", _repos(vector_dirs), "--method", "task_arithmetic", "--search", "--grid", grid,
+                 "--data-dir", str(tiny_task_data_dir), "--max-eval-samples", "4", "--output", str(out),
+                 "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_unwritable_output_parent_is_named_in_the_error(vector_dirs: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--repos", _repos(vector_dirs), "--output", "/sys/saft-merged", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "parent folder '/sys' is not writable" in err and "Traceback" not in err
+
+
+_INTERRUPTIBLE = """
+import sys, time
+from pathlib import Path
+import saft_hf.pipeline.run as run
+from saft_hf.cli.merge import main
+
+def copy_heads_then_wait(*args, **kwargs):  # called inside the temporary output folder
+    Path(sys.argv[1]).write_text("ready")
+    time.sleep(600)
+
+run.copy_heads = copy_heads_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(vector_dirs: list[Path], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    ready, out = tmp_path / "ready", tmp_path / "merged"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTIBLE, str(ready), "--repos", _repos(vector_dirs), "--output", str(out),
+         "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 900  # generous: on a loaded 2-core machine importing torch alone can take a minute
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), process.communicate()[1] if process.poll() is not None else "merge never started writing"
+    assert any(p.name.startswith(".merged.") for p in tmp_path.iterdir())  # the temporary output exists now
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == [f"saft-merge: interrupted (Ctrl-C); {str(out)!r} was not written or changed."]
+    assert not out.exists() and _no_debris(tmp_path) == []

@@ -151,6 +151,8 @@ def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
             assert vector.config["task"] == task and vector.config["variant"] == variant
             assert vector.config["finetuning"]["method"] == ("SAM" if variant == "sam" else "standard")
             assert vector.class_names == list(TASKS[task].classes)
+            metrics = vector.config["metrics"]  # validation accuracy recorded for --select normalized
+            assert metrics["accuracy"] == seed["individual"][variant][task] and 0 <= metrics["validation_accuracy"] <= 1
     figures = output / "analysis" / "sizes+colours"
     assert (figures / "disentanglement.png").is_file() and (figures / "joint_loss.png").is_file()
     table = (output / "results.md").read_text()

@@ -92,6 +92,8 @@ def test_pcb_uses_its_own_grid_and_custom_grids_are_respected():
         ({"method_args": {"scaling": 0.3}}, "do not pass 'scaling'"),
         ({"grid": []}, "grid is empty"),
         ({"grid": [0.1, -0.2]}, "finite and > 0, got -0.2"),
+        ({"grid": [0.3]}, "fewer than two distinct values"),
+        ({"grid": [0.3, 0.3]}, "fewer than two distinct values"),
         ({"normalize_by": {"a": 0.0}}, r"normalize_by\['a'\] must be a finite accuracy > 0"),
         ({"normalize_by": {"b": 0.9}}, "no fine-tuned accuracy for task 'a'"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from saft_hf.clip import ZeroShotHead, build_zero_shot_head, load_vision_tower
-from saft_hf.pipeline.inputs import recorded_accuracy
+from saft_hf.pipeline.inputs import recorded_accuracy, recorded_validation_accuracy
 from saft_hf.task_vectors import TaskVector
 from saft_hf.tasks import resolve_task
 
@@ -57,7 +58,9 @@ def runs(tmp_path_factory, tiny_clip_dir, tiny_task_data_dir):
     tmp1, tmp2 = tmp_path_factory.mktemp("train_1proc"), tmp_path_factory.mktemp("train_2proc")
     started = {
         "single": (tmp1, *_launch(tmp1, tiny_clip_dir, tiny_task_data_dir, 1)),
-        "two": (tmp2, *_launch(tmp2, tiny_clip_dir, tiny_task_data_dir, 2, "--sam_adaptive", "false", "--sam_rho", "0.05")),
+        # logging_steps above max_steps: the first and the last step must still be logged
+        "two": (tmp2, *_launch(tmp2, tiny_clip_dir, tiny_task_data_dir, 2, "--sam_adaptive", "false", "--sam_rho", "0.05",
+                               "--logging_steps", "100")),
     }  # fmt: skip
     outputs = {}
     for name, (tmp, process, out) in started.items():
@@ -105,11 +108,13 @@ def test_task_vector_records_method_metrics_and_dataset_for_card_and_merge(singl
     vector = TaskVector.from_pretrained(single_run / "task_vector")
     assert vector.config["finetuning"]["method"] == "ASAM"
     assert vector.config["finetuning"]["hyperparameters"]["sam_rho"] == 0.5
-    assert recorded_accuracy(vector) == results["test_accuracy"]  # what saft-merge normalises by
+    assert recorded_accuracy(vector) == results["test_accuracy"]  # what the --eval report normalises by
+    # what saft-merge --select normalized divides by: validation data only
+    assert recorded_validation_accuracy(vector) == results["validation_accuracy"] > 0
     assert vector.config["base_model"] == str(tiny_clip_dir) and vector.config.get("base_model_revision") is None
     card = ModelCard.load(single_run / "task_vector" / "README.md")
     assert "**Fine-tuning method:** ASAM" in card.text and "sam_rho=0.5" in card.text
-    assert card.data.metrics == ["accuracy"] and card.data.datasets == [results["dataset_id"]]
+    assert card.data.metrics == ["accuracy", "validation_accuracy"] and card.data.datasets == [results["dataset_id"]]
 
 
 @pytest.mark.slow
@@ -133,6 +138,14 @@ def test_two_process_run_writes_the_same_outputs(two_process_run, tiny_clip_dir)
     results = json.loads((two_process_run / "results.json").read_text())
     assert (results["method"], results["world_size"], results["global_step"]) == ("SAM", 2, 8)
     _assert_task_vector_is_finetuned_minus_base(two_process_run, tiny_clip_dir)
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_logging_steps_logs_loss_and_sam_metrics_at_the_last_step(two_process_run):
+    results = json.loads((two_process_run / "results.json").read_text())
+    assert [entry["step"] for entry in results["sam_history"]] == [1, 8] and len(results["loss_history"]) == 2
+    last = results["sam_history"][-1]
+    assert last["sam_ascent_norm"] > 0 and last["sam_skipped"] == 0 and "sam_sharpness" in last
 
 
 @pytest.mark.slow
@@ -170,3 +183,86 @@ def test_help_explains_the_arguments():
     for flag in ("--task", "--model_name_or_path", "--data_dir", "--output_dir", "--sam_rho", "--sam_adaptive"):
         assert flag in text
     assert "task_spec.json" in text and "--standard" in text
+
+
+def test_logging_defaults_suit_short_runs_and_are_not_recorded_as_hyperparameters(tmp_path):
+    script = _load_script()
+    _, args = script.parse_args(["--output_dir", str(tmp_path)])
+    assert (args.logging_steps, args.logging_first_step) == (0.05, True)  # 20 logs per run, whatever its length
+    assert set(script.NOT_HYPERPARAMETERS) <= set(script.PAPER_DEFAULTS)
+
+
+# ----------------------------------------------------------------------------- user errors
+def _error_cases(tmp: Path, clip_dir: Path, data_dir: Path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp / "empty"
+    empty.mkdir(exist_ok=True)
+    ok = ["--model_name_or_path", str(clip_dir), "--use_cpu", "true", "--max_steps", "1"]
+    return {
+        "unknown_task": (["--task", "Nope", "--data_dir", str(data_dir), *ok], "unknown task 'Nope'"),
+        "empty_data_dir": (["--task", "TinyColors", "--data_dir", str(empty), *ok], f"--data_dir {str(empty)!r} is empty"),
+        "missing_data_dir": (["--task", "TinyColors", "--data_dir", str(tmp / "nope"), *ok], "is not a folder"),
+        "data_dir_without_the_task": (["--task", "DTD", "--data_dir", str(data_dir), *ok],
+                                      "holds data for TinyColors, TinyPatterns but not for task 'DTD'"),
+        "missing_model_folder": (["--task", "TinyColors", "--data_dir", str(data_dir), "--model_name_or_path",
+                                  str(tmp / "no-clip"), "--use_cpu", "true"], "no such folder"),
+        "negative_rho": (["--task", "TinyColors", "--data_dir", str(data_dir), *ok, "--sam_rho", "-1"],
+                         "sam_rho must be a finite number >= 0"),
+        "unwritable_output": (["--task", "TinyColors", "--data_dir", str(data_dir), *ok, "--output_dir", "/sys/o"],
+                              "parent folder '/sys' is not writable"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown_task", "empty_data_dir", "missing_data_dir", "data_dir_without_the_task", "missing_model_folder",
+     "negative_rho", "unwritable_output"],
+)  # fmt: skip
+def test_user_errors_are_one_line_naming_the_problem_and_write_nothing(
+    case, tmp_path, tiny_clip_dir, tiny_task_data_dir, capsys
+):
+    script = _load_script()
+    argv, message = _error_cases(tmp_path, tiny_clip_dir, tiny_task_data_dir)[case]
+    out = tmp_path / "out"
+    argv = argv if "--output_dir" in argv else [*argv, "--output_dir", str(out)]
+    assert script.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_saft.py: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_a_task_whose_data_fails_to_load_leaves_no_files(tmp_path, tiny_clip_dir, tiny_task_data_dir, capsys):
+    script = _load_script()
+    broken = tmp_path / "data" / "TinyColors"
+    broken.mkdir(parents=True)
+    shutil.copyfile(tiny_task_data_dir / "TinyColors" / "task_spec.json", broken / "task_spec.json")
+    (broken / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')  # the splits themselves are missing
+    out = tmp_path / "out"
+    code = script.main(["--task", "TinyColors", "--data_dir", str(tmp_path / "data"), "--model_name_or_path",
+                        str(tiny_clip_dir), "--output_dir", str(out), "--use_cpu", "true"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("train_saft.py: error: ")
+    assert not out.exists()
+
+
+def test_a_user_error_through_the_script_is_one_line_without_traceback(tmp_path, tiny_clip_dir, tiny_task_data_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    argv, message = _error_cases(tmp_path, tiny_clip_dir, tiny_task_data_dir)["unknown_task"]
+    result = subprocess.run([sys.executable, str(SCRIPT), *argv, "--output_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and message in result.stderr.strip().splitlines()[-1]
+
+
+def test_one_process_started_for_several_asked_is_warned_about(tmp_path, monkeypatch, capsys):
+    script = _load_script()
+    _, args = script.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert script.warn_if_fewer_processes(args) is False and capsys.readouterr().err == ""
+    # what `accelerate launch --num_processes 2 --cpu` (no --multi_gpu) sets for its single process
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert script.warn_if_fewer_processes(args) is True
+    assert "accelerate launch --multi_gpu --num_processes N" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a real 2-process launch
+    assert script.warn_if_fewer_processes(args) is False

@@ -7,6 +7,7 @@ renamed, so a half-written PNG never replaces a good one.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ def plot_heatmaps(
     search_region: tuple[float, float] | None = DEFAULT_SEARCH_REGION,
     cmap: str = "viridis",
     dpi: int = DEFAULT_DPI,
+    colorbar_label: str = "",
 ) -> Path:
-    """One heatmap per label (values[i][j] at α₁=alphas[i], α₂=alphas[j]), one shared colour scale.
+    """One heatmap per label (values[i][j] at α₁=alphas[i], α₂=alphas[j]), one shared, labelled colour scale.
 
-    The search region is outlined as a red square [lo, hi]², as in the papers' figures.
+    The search region is outlined as a red square [lo, hi]², as in the papers' figures; a title too long
+    for the figure is wrapped rather than cut off.
     """
     if not panels:
         raise ValueError("plot_heatmaps needs at least one panel (label -> grid of values).")
@@ -69,8 +72,8 @@ def plot_heatmaps(
                 ax.add_patch(Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="red", linewidth=1.5))
             ax.set(title=label, xlabel="α₁", aspect="equal")
         axes[0][0].set_ylabel("α₂")
-        fig.suptitle(title)
-        fig.colorbar(mesh, ax=list(axes[0]), shrink=0.8)
+        fig.suptitle(_wrapped(title, width / dpi))
+        fig.colorbar(mesh, ax=list(axes[0]), shrink=0.8, label=colorbar_label)
         return _save_png(fig, path, dpi)
     finally:
         plt.close(fig)
@@ -91,7 +94,7 @@ def plot_ctl(
     try:
         for label, values in curves.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
-        ax.set(title=title, xlabel="block", ylabel="1 − cos similarity")
+        ax.set(title=_wrapped(title, figsize[0]), xlabel="block", ylabel="1 − cos similarity")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
@@ -127,6 +130,11 @@ def plot_coefficients(
         return _save_png(fig, path, dpi)
     finally:
         plt.close(fig)
+
+
+def _wrapped(title: str, width_inches: float) -> str:
+    """``title`` broken into lines that fit ``width_inches`` at the default title size (~9 characters/inch)."""
+    return "\n".join(textwrap.wrap(title, width=max(20, int(width_inches * 9)))) or title
 
 
 def _save_png(fig: plt.Figure, path: str | os.PathLike, dpi: int) -> Path:

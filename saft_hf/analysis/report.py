@@ -22,6 +22,29 @@ from .plots import DEFAULT_SEARCH_REGION, plot_ctl, plot_heatmaps
 
 RESULTS_NAME = "results.json"
 FIGURES = {"xi": "disentanglement.png", "joint_loss": "joint_loss.png", "ctl": "ctl.png"}
+COLORBAR_LABELS = {
+    "xi": "ξ (changed predictions, summed over tasks)",
+    "joint_loss": "joint loss L(θ; D₁) + L(θ; D₂)",
+}
+
+
+def recorded_method(vectors: Sequence[Mapping[str, Any] | Any]) -> str | None:
+    """The fine-tuning method (standard/SAM/ASAM) the task vectors record, joined with '+' if they differ."""
+    methods = []
+    for vector in vectors:
+        config = getattr(vector, "config", None) or {}
+        method = (config.get("finetuning") or {}).get("method")
+        if method and method != "unknown" and method not in methods:
+            methods.append(str(method))
+    return "+".join(methods) or None
+
+
+def pair_labels(pairs: Sequence[Sequence[Any]], fallbacks: Sequence[str]) -> list[str]:
+    """One figure label per pair: its recorded method, else the fallback; equal labels get the fallback added."""
+    labels = [recorded_method(vectors) or fallback for vectors, fallback in zip(pairs, fallbacks)]
+    if len(set(labels)) < len(labels):
+        labels = [label if label == fallback else f"{label} ({fallback})" for label, fallback in zip(labels, fallbacks)]
+    return labels
 
 
 def analyze_pairs(
@@ -95,7 +118,7 @@ def _write_contents(report: Mapping[str, Any], folder: Path, search_region: tupl
         plot_heatmaps(
             {label: entry["grid"][metric] for label, entry in pairs.items()},
             folder / FIGURES[metric],
-            alphas=report["alphas"], title=title, search_region=search_region,
+            alphas=report["alphas"], title=title, search_region=search_region, colorbar_label=COLORBAR_LABELS[metric],
         )  # fmt: skip
     curves = {label: entry["ctl"] for label, entry in pairs.items() if "ctl" in entry}
     if curves:

@@ -20,6 +20,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
         "arithmetic, TIES and PCB, and write the accuracy table, results.json and the analysis figures to --output.",
         epilog="Example: saft-demo --seeds 3 --output saft-demo-3seeds",
     )
+    _describe_negations(parser)
     argv = list(argv) if argv is not None else sys.argv[1:]
     preset, _ = _preset_parser().parse_known_args(argv)
     parser.set_defaults(**PRESETS[preset.preset])  # explicit flags still win over the preset's defaults
@@ -32,6 +33,17 @@ def _preset_parser() -> argparse.ArgumentParser:
     pre = argparse.ArgumentParser(prog="saft-demo", add_help=False)
     pre.add_argument("--preset", default="default", choices=list(PRESETS))
     return pre
+
+
+NEGATION_HELP = {"progress": "Hide the progress bars (for logs and CI)."}
+
+
+def _describe_negations(parser: HfArgumentParser) -> None:
+    """HfArgumentParser gives ``--no_X`` the help of ``--X`` (``--no_progress``: "Show ... bars"); fix that."""
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            name = action.option_strings[0][len("--no_") :]
+            action.help = NEGATION_HELP.get(name, f"Set --{name} to false.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,7 @@ def _save_vector(
     settings: Mapping[str, Any],
     path: Path,
     base_name: str,
+    metrics: dict[str, float],
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
     rho = float(settings.get("sam_rho", 0.0))
@@ -57,6 +58,7 @@ def _save_vector(
         base_model=f"saft-demo/{base_name}",
         method=method_name(rho, adaptive),
         hyperparameters={**settings, "seed": seed},
+        metrics=metrics,  # validation accuracy: what saft-merge --select normalized divides by
         variant=variant,
     )
     vector = TaskVector.from_models(
@@ -162,7 +164,8 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, anal
         sharp[variant][task] = sharpness(tuned, heads[task], splits[task]["train"][: args.batch_size * 4])
         path = output / "task_vectors" / f"seed-{seed}" / variant / task
         vectors[variant][task] = _save_vector(
-            base, tuned, heads[task], task, variant, seed, settings, path, base_path.name
+            base, tuned, heads[task], task, variant, seed, settings, path, base_path.name,
+            {"accuracy": individual[variant][task], "validation_accuracy": individual_validation[variant][task]},
         )
     timings["fine_tuning"] = time.perf_counter() - start
 

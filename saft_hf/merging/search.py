@@ -77,6 +77,11 @@ def _checked_grid(grid: Sequence[float]) -> tuple[float, ...]:
     bad = [v for v in values if not math.isfinite(v) or v <= 0]
     if bad:
         raise MergeError(f"λ grid values must be finite and > 0, got {bad[0]!r}.")
+    if len(set(values)) < 2:
+        raise MergeError(
+            f"the λ grid {list(values)!r} has fewer than two distinct values, so there is nothing to search; "
+            "pass e.g. grid=[0.1, 0.2, 0.3], or merge with one fixed scaling instead."
+        )
     return values
 
 

@@ -1,7 +1,7 @@
 """The library behind ``saft-merge``: a ``MergeJob`` in, a merged model folder (and Hub repo) out."""
 
 from .evaluation import CachedBatches, TaskEvaluator
-from .inputs import infer_base, recorded_accuracy
+from .inputs import infer_base, recorded_accuracy, recorded_validation_accuracy
 from .job import MergeJob, MergeJobError, MergeUsageError
 from .run import MergeOutcome, run_merge_job
 
@@ -14,5 +14,6 @@ __all__ = [
     "TaskEvaluator",
     "infer_base",
     "recorded_accuracy",
+    "recorded_validation_accuracy",
     "run_merge_job",
 ]

@@ -98,6 +98,17 @@ def recorded_accuracy(vector: TaskVector) -> float | None:
     return None
 
 
+def recorded_validation_accuracy(vector: TaskVector) -> float | None:
+    """The fine-tuned model's validation accuracy recorded in the vector (``metrics.validation_accuracy``).
+
+    λ selection normalises by this one, never by the test accuracy, so test data cannot steer the choice.
+    """
+    value = (vector.config.get("metrics") or {}).get("validation_accuracy")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
 def load_heads(vectors: Sequence[TaskVector], data_dir: str | os.PathLike | None) -> dict[str, Any]:
     """One ``ZeroShotHead`` per task, from each vector's ``head.safetensors``, checked against the task."""
     from ..clip import load_task_vector_head

@@ -151,6 +151,11 @@ class MergeJob:
                 raise MergeUsageError(
                     f"--grid values must be finite λ > 0, got {self.grid!r}; e.g. --grid 0.1,0.2,0.3 or 0.05:1.0:0.05."
                 )
+            if len(set(self.grid)) < 2:
+                raise MergeUsageError(
+                    f"--grid gives {len(set(self.grid))} distinct λ value(s), {self.grid!r}: a search needs at least "
+                    "two; e.g. --grid 0.05:1.0:0.05 (start:stop:step) or 0.1,0.2,0.3, or use --scaling for one λ."
+                )
         if self.select not in ("absolute", "normalized"):
             raise MergeUsageError(f"--select must be 'absolute' or 'normalized', got {self.select!r}.")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,16 @@ from ..merging import AdaMergingResult, MergeReport, SearchResult, get_method, m
 from ..task_vectors import TaskVector, add_scaled_
 from .adaptation import run_adamerging, write_adamerging_outputs
 from .evaluation import CachedBatches, TaskEvaluator
-from .inputs import BaseModel, load_all, load_heads, load_split, recorded_accuracy, task_names
-from .job import MergeJob, MergeJobError
+from .inputs import (
+    BaseModel,
+    load_all,
+    load_heads,
+    load_split,
+    recorded_accuracy,
+    recorded_validation_accuracy,
+    task_names,
+)
+from .job import MergeJob
 from .outputs import copy_heads, push_folder, write_metadata
 
 PROCESSOR_NAME = "preprocessor_config.json"
@@ -31,21 +39,35 @@ class MergeOutcome:
     report: MergeReport | None = None
     commit_url: str | None = None
     adamerging: AdaMergingResult | None = None
+    notes: list[str] = field(default_factory=list)
 
 
-def _individual(vectors: list[TaskVector], tasks: list[str], required: bool) -> dict[str, float]:
-    """Fine-tuned accuracies recorded in the vectors' configs (all required for normalised selection)."""
+def _individual(vectors: list[TaskVector], tasks: list[str]) -> dict[str, float]:
+    """Fine-tuned test accuracies recorded in the vectors' configs (to normalise the test report only)."""
     known = {}
     for vector, task in zip(vectors, tasks):
         value = recorded_accuracy(vector)
-        if value is None and required:
-            raise MergeJobError(
-                f"--select normalized needs the fine-tuned accuracy of task {task!r}, but {vector.source} records "
-                "none (config 'metrics': {'accuracy': ...}); use --select absolute."
-            )
         if value is not None:
             known[task] = value
     return known
+
+
+def _selection_reference(vectors: list[TaskVector], tasks: list[str]) -> tuple[dict[str, float] | None, str | None]:
+    """``--select normalized``: each vector's recorded *validation* accuracy, or None (and why) to fall back.
+
+    Test accuracies are never used here, so the λ choice sees validation data only.
+    """
+    reference = {}
+    for vector, task in zip(vectors, tasks):
+        value = recorded_validation_accuracy(vector)
+        if value is None:
+            return None, (
+                f"--select normalized: {vector.source} (task {task!r}) records no fine-tuned validation accuracy "
+                "(metrics.validation_accuracy), so λ was chosen by raw mean validation accuracy instead "
+                "(as --select absolute); re-create the task vector with examples/train_saft.py to record it."
+            )
+        reference[task] = value
+    return reference, None
 
 
 def _evaluator(job: MergeJob, vectors: list[TaskVector], base: BaseModel, split: str) -> TaskEvaluator:
@@ -72,7 +94,8 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
     spec = get_method(job.method)
     vectors, base = load_all(job)
     tasks = task_names(vectors)
-    individual = _individual(vectors, tasks, required=job.search and job.select == "normalized")
+    individual = _individual(vectors, tasks)
+    notes: list[str] = []
 
     search: SearchResult | None = None
     adaptation: AdaMergingResult | None = None
@@ -80,8 +103,11 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         adaptation = run_adamerging(job, vectors, base)
         method_args = adaptation.method_args
     elif job.search:
+        normalize_by = None
+        if job.select == "normalized":
+            normalize_by, note = _selection_reference(vectors, tasks)
+            notes += [note] if note else []
         evaluate = _evaluator(job, vectors, base, "validation")
-        normalize_by = individual if job.select == "normalized" else None
         search = search_coefficients(
             base.model, base.state, vectors, job.method, evaluate, grid=job.grid_values(),
             method_args=job.method_args, normalize_by=normalize_by, progress=job.progress,
@@ -112,7 +138,12 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         },  # fmt: skip
         "search": None
         if search is None
-        else {"grid": list(job.grid_values()), "selection": job.select, "table": search.table},
+        else {
+            "grid": list(job.grid_values()),
+            "selection": "normalized" if search.normalized else "absolute",
+            "selection_requested": job.select,
+            "table": search.table,
+        },
         "evaluation": {"split": "test", "max_eval_samples": job.max_eval_samples} if job.evaluate else None,
     }
     if adaptation is not None:  # labels of this split are never read
@@ -123,6 +154,7 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         "scaling": method_args.get("scaling"),
         "search": search.to_dict() if search is not None else None,
         "evaluation": report.to_dict() if report is not None else None,
+        "notes": notes,
     }
     if adaptation is not None:
         results["adamerging"] = adaptation.to_dict()
@@ -139,4 +171,4 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
     if job.push_to_hub:
         message = f"saft-merge: {job.method} of {len(vectors)} task vectors"
         commit_url = push_folder(output, job.push_to_hub, job.private, job.token, message)
-    return MergeOutcome(output, merge_config, results, search, report, commit_url, adaptation)
+    return MergeOutcome(output, merge_config, results, search, report, commit_url, adaptation, notes)
