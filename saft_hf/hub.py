@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .task_vector_io import (
     CONFIG_NAME,
+    HEAD_FILES,
     INDEX_NAME,
     CorruptedTaskVectorError,
     IncompatibleTaskVectorError,
@@ -305,6 +306,10 @@ def _lora_scaling(module: str, rank: int, config: Mapping[str, Any]) -> float:
     return alpha / (rank**0.5 if config.get("use_rslora") else rank)
 
 
+# Provenance beside a LoRA adapter (task, method SAM/ASAM/standard, rank, ...), in the task-vector config schema.
+LORA_PROVENANCE_NAME = "saft_provenance.json"
+
+
 def _lora_vector(directory: Path, source: str) -> TaskVector:
     config = read_json(directory / "adapter_config.json", source)
     peft_type = str(config.get("peft_type", "")).upper()
@@ -329,7 +334,11 @@ def _lora_vector(directory: Path, source: str) -> TaskVector:
         method="lora",
         hyperparameters={k: config.get(k) for k in ("r", "lora_alpha", "use_rslora") if k in config},
     )
-    return TaskVector(config=tv_config, _store=store)  # type: ignore[arg-type]
+    if (directory / LORA_PROVENANCE_NAME).is_file():  # written by examples/train_saft.py --lora_r
+        recorded = read_json(directory / LORA_PROVENANCE_NAME, source)
+        tv_config = {**tv_config, **{k: v for k, v in recorded.items() if k != "format_version"}}
+    head_dir = directory if (directory / HEAD_FILES[0]).is_file() else None  # a head saved beside the adapter
+    return TaskVector(config=tv_config, head_dir=head_dir, _store=store)  # type: ignore[arg-type]
 
 
 def load_task_vector(
