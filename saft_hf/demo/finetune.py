@@ -58,8 +58,13 @@ def accuracies(
     return {task: accuracy(vision, heads[task], items) for task, items in splits.items()}
 
 
-def training_arguments(args: DemoArguments, output_dir: str, sam_rho: float, seed: int) -> SAMTrainingArguments:
-    """The fine-tuning recipe: AdamW + cosine for both variants; `sam_rho=0` is the standard one."""
+def training_arguments(
+    args: DemoArguments, output_dir: str, sam_rho: float, seed: int, sam_options: Mapping[str, Any] | None = None
+) -> SAMTrainingArguments:
+    """The fine-tuning recipe: AdamW + cosine for both variants; `sam_rho=0` is the standard one.
+
+    ``sam_options``: further SAMTrainingArguments fields (e.g. ``sam_mode``, ``sam_interval``, ``sam_include``).
+    """
     return SAMTrainingArguments(
         output_dir=output_dir,
         max_steps=args.steps,
@@ -79,24 +84,43 @@ def training_arguments(args: DemoArguments, output_dir: str, sam_rho: float, see
         sam_rho=sam_rho,
         sam_adaptive=args.sam_adaptive,
         sam_eta=args.sam_eta,
+        **dict(sam_options or {}),
     )
 
 
 def finetune(
-    base_path: Path, head: ZeroShotHead, train: Items, args: DemoArguments, sam_rho: float, seed: int
+    base_path: Path,
+    head: ZeroShotHead,
+    train: Items,
+    args: DemoArguments,
+    sam_rho: float,
+    seed: int,
+    sam_options: Mapping[str, Any] | None = None,
+    lora: Mapping[str, Any] | None = None,
 ) -> tuple[CLIPVisionModelWithProjection, float]:
-    """Fine-tune the whole base tower on one task under its frozen head; returns (tower, final train loss)."""
+    """Fine-tune the base tower on one task under its frozen head; returns (tower, final train loss).
+
+    ``sam_options`` go to SAMTrainingArguments (cheap-SAM modes); ``lora`` (``r``, ``lora_alpha``,
+    ``target_modules``: peft.LoraConfig fields) trains a LoRA adapter instead of all weights, merged into
+    the returned tower so its task vector is the adapter's delta.
+    """
     vision = load_base(base_path)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        vision = get_peft_model(vision, LoraConfig(**lora))
     model = CLIPImageClassifier(vision, head)
     with tempfile.TemporaryDirectory(prefix="saft-demo-ft-") as scratch:
         trainer = SAMTrainer(
             model=model,
-            args=training_arguments(args, scratch, sam_rho, seed),
+            args=training_arguments(args, scratch, sam_rho, seed, sam_options),
             train_dataset=train,
             data_collator=collate_image_batch,
         )
         for callback in (PrinterCallback, ProgressCallback):  # the demo draws its own progress bar
             trainer.remove_callback(callback)
         result = trainer.train()
+    if lora is not None:
+        vision = vision.merge_and_unload()
     vision.eval()
     return vision, float(result.training_loss)
