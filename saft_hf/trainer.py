@@ -76,6 +76,14 @@ class SAMTrainingArguments(TrainingArguments):
             "NeurIPS 2023, 'Normalization Layers Are All That Sharpness-Aware Minimization Needs'). Default: all.",
         },
     )
+    sam_reuse_gradients: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the descent accumulate into the ascent gradients' storage instead of allocating a second "
+            "gradient set per step: fewer CPU allocations, but one more gradient set held through the descent "
+            "forward (ViT-B/32, batch 16, CPU: peak memory 1.50x a plain step instead of 1.26x). Off by default."
+        },
+    )
     sam_mode: str = field(
         default="sam",
         metadata={
@@ -276,11 +284,12 @@ class SAMTrainer(Trainer):
         del grads
 
         # 4. Put the accumulated gradients back before the descent, so DDP all-reduces them with it. Where
-        #    there are none (the first micro-batch), the descent accumulates into the ascent gradients'
-        #    storage, zeroed: no step allocates a full gradient set twice.
+        #    there are none (the first micro-batch) and sam_reuse_gradients is set, the descent accumulates
+        #    into the ascent gradients' storage, zeroed: one gradient set per step instead of two, but held
+        #    through the descent forward (+1 gradient set of peak memory: measured 1.50x instead of 1.26x).
         reuse = []
         for p, grad in zip(trainable, accumulated, strict=True):
-            if grad is None and p.grad is not None:
+            if grad is None and p.grad is not None and self.args.sam_reuse_gradients:
                 reuse.append(p.grad)
             else:
                 p.grad = grad

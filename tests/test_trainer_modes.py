@@ -59,6 +59,13 @@ def test_looksam_with_alpha_zero_is_periodic_sam(tmp_path):
         assert torch.equal(looksam.model.state_dict()[name], value), name
 
 
+def test_reusing_the_ascent_gradients_storage_gives_the_same_weights(tmp_path):
+    reused = _train(tmp_path / "a", sam_rho=0.5, gradient_accumulation_steps=2, sam_reuse_gradients=True)
+    fresh = _train(tmp_path / "b", sam_rho=0.5, gradient_accumulation_steps=2)
+    for name, value in fresh.model.state_dict().items():
+        assert torch.equal(reused.model.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize("mode", ["periodic", "looksam"])
 def test_interval_one_is_plain_sam_bitwise(tmp_path, mode):
     cheap = _train(tmp_path / "a", sam_rho=0.5, sam_mode=mode, gradient_accumulation_steps=2)
@@ -99,7 +106,7 @@ class _AscentGradients(SAMTrainer):
         return [p.grad for p in self._sam_trainable]
 
 
-def test_the_descent_accumulates_into_the_ascent_gradients_storage(tmp_path):
+def test_with_sam_reuse_gradients_the_descent_accumulates_into_the_ascent_gradients_storage(tmp_path):
     from transformers import TrainerCallback
 
     seen = []
@@ -108,7 +115,7 @@ def test_the_descent_accumulates_into_the_ascent_gradients_storage(tmp_path):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             seen.append(all(d is a for d, a in zip(trainer.optimizer_step_grads(), trainer.ascent_grads)))
 
-    args = sgd_args(str(tmp_path), sam_rho=0.05, max_steps=3)
+    args = sgd_args(str(tmp_path), sam_rho=0.05, max_steps=3, sam_reuse_gradients=True)
     trainer = _AscentGradients(model=ToyClassifier(), args=args, train_dataset=toy_dataset(), callbacks=[Check()])
     trainer.train()
     assert seen == [True, True, True], "a second full gradient set was allocated for the descent"
