@@ -2,11 +2,15 @@
 
     accelerate launch examples/train_saft.py --task DTD --output_dir out/dtd            # ASAM, rho 0.5
     accelerate launch examples/train_saft.py --task all --output_dir out --standard     # plain fine-tuning
+    accelerate launch examples/train_saft.py --task DTD --output_dir out/dtd --lora_r 16  # LoRA-SAFT
 
 Defaults are the SAFT paper's (ICLR 2025): AdamW, lr 1e-5, batch 128, 8,000 steps, cosine schedule with
 500 warm-up steps, weight decay 0.1, gradient clipping 1.0, ASAM with rho 0.5; every one can be
 overridden on the command line (``--help`` lists them). Writes, per task: ``vision_model/`` (HF format)
 and the zero-shot head, ``task_vector/`` (fine-tuned − pre-trained vision weights), ``results.json``.
+With ``--lora_r`` only a PEFT LoRA adapter is trained (SAM/ASAM perturb its parameters only) and
+``task_vector/`` is that adapter (the LoRA path ``saft-merge`` reads), with the head and
+``saft_provenance.json`` (task, method, rank) beside it; no ``vision_model/`` is written.
 """
 
 from __future__ import annotations
@@ -65,6 +69,12 @@ PAPER_DEFAULTS: dict[str, Any] = {
 NOT_HYPERPARAMETERS = ("remove_unused_columns", "save_strategy", "report_to", "logging_steps", "logging_first_step")
 
 
+# The cheap-SAM settings (SAMTrainingArguments), recorded with the run's hyperparameters.
+CHEAP_SAM_KEYS = ("sam_mode", "sam_interval", "sam_looksam_alpha", "sam_include", "sam_exclude")
+# The CLIP vision encoder's linear layers (attention and MLP); the projection stays frozen under LoRA.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
 @dataclass
 class ScriptArguments:
     """What to fine-tune on; the optimisation settings are the ``SAMTrainingArguments``."""
@@ -101,6 +111,21 @@ class ScriptArguments:
     max_test_samples: int | None = field(
         default=None, metadata={"help": "Evaluate test accuracy on at most this many examples (default: all)."}
     )
+    lora_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA-SAFT: train a PEFT LoRA adapter of this rank on the vision tower instead of all its "
+            "weights (SAM/ASAM perturb the adapter parameters only; --standard trains it plainly). The adapter "
+            "is saved as task_vector/, which saft-merge reads as a LoRA task vector."
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA's alpha (the update is scaled by alpha / r). Default: r (scale 1)."}
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGET_MODULES),
+        metadata={"help": "Module names that get a LoRA adapter. Default: every linear layer of the encoder."},
+    )
     traceback: bool = field(
         default=False, metadata={"help": "Show the full traceback of an error instead of one line."}
     )
@@ -135,6 +160,39 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SAMTrain
     if script_args.standard:
         training_args.sam_rho = 0.0
     return script_args, training_args
+
+
+def lora_settings(script_args: ScriptArguments) -> dict[str, Any] | None:
+    """The LoRA adapter's settings as recorded in provenance, or None without ``--lora_r``."""
+    if script_args.lora_r is None:
+        return None
+    if script_args.lora_r < 1:
+        raise ValueError(f"--lora_r must be a rank >= 1, got {script_args.lora_r}; leave it out to train all weights.")
+    alpha = float(script_args.lora_r if script_args.lora_alpha is None else script_args.lora_alpha)
+    if not alpha > 0:
+        raise ValueError(f"--lora_alpha must be > 0, got {script_args.lora_alpha}.")
+    if not script_args.lora_target_modules:
+        raise ValueError("--lora_target_modules is empty; name at least one module, e.g. q_proj v_proj.")
+    return {"lora_r": script_args.lora_r, "lora_alpha": alpha, "lora_target_modules": list(script_args.lora_target_modules)}
+
+
+def add_lora(vision: Any, lora: dict[str, Any]) -> Any:
+    """Wrap the vision tower in a PEFT LoRA model: only the adapters train, and only they are perturbed."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["lora_r"], lora_alpha=lora["lora_alpha"], target_modules=lora["lora_target_modules"])
+    return get_peft_model(vision, config)
+
+
+def save_lora_task_vector(vision: Any, head: ZeroShotHead, config: dict[str, Any], directory: Path) -> None:
+    """Write the adapter (saft-merge's LoRA task-vector path), the head and the provenance, all at once."""
+    from saft_hf.io_utils import atomic_output_dir
+    from saft_hf.readers import LORA_PROVENANCE_NAME
+
+    with atomic_output_dir(directory, overwrite=True) as tmp:
+        vision.save_pretrained(tmp)
+        head.save_pretrained(tmp)
+        _write_json(config, tmp / LORA_PROVENANCE_NAME)
 
 
 def method_name(args: SAMTrainingArguments) -> str:
@@ -269,7 +327,10 @@ def train_task(
         data = load_task(spec, script_args.data_dir, processor, cache_dir=script_args.cache_dir)
         head = load_or_build_head(spec, script_args, head_dir)
     vision = load_vision_tower(script_args.model_name_or_path, cache_dir=script_args.cache_dir)
-    pretrained = {name: tensor.detach().clone() for name, tensor in vision.state_dict().items()}
+    lora = lora_settings(script_args)
+    pretrained = {name: tensor.detach().clone() for name, tensor in vision.state_dict().items()} if lora is None else {}
+    if lora is not None:
+        vision = add_lora(vision, lora)
     model = CLIPImageClassifier(vision, head)
 
     trainer = SAMTrainer(
@@ -295,12 +356,15 @@ def train_task(
         validation_accuracy = evaluate_accuracy(
             model, data["validation"], batch_size=training_args.per_device_eval_batch_size
         )
-        model.save_pretrained(output_dir)
+        if lora is None:
+            model.save_pretrained(output_dir)
         hyperparameters = {
             key: getattr(training_args, key)
-            for key in (*PAPER_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "seed")
+            for key in (*PAPER_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", *CHEAP_SAM_KEYS, "seed")
             if key not in NOT_HYPERPARAMETERS
         }
+        if lora is not None:
+            hyperparameters.update(lora)
         results = {
             "task": spec.name,
             "dataset_id": spec.dataset_id,
@@ -329,8 +393,12 @@ def train_task(
             hyperparameters=hyperparameters,
             metrics={"accuracy": accuracy, "validation_accuracy": validation_accuracy},
         )
-        task_vector = TaskVector.from_models(pretrained, model.vision_model, config=config, head_dir=output_dir)
-        task_vector.save_pretrained(output_dir / "task_vector")
+        if lora is not None:
+            head.save_pretrained(output_dir)
+            save_lora_task_vector(model.vision_model, head, config, output_dir / "task_vector")
+        else:
+            task_vector = TaskVector.from_models(pretrained, model.vision_model, config=config, head_dir=output_dir)
+            task_vector.save_pretrained(output_dir / "task_vector")
         _write_json(results, output_dir / "results.json")
         print(
             f"{spec.name}: test accuracy {accuracy:.4f}, validation accuracy {validation_accuracy:.4f} "

@@ -334,6 +334,10 @@ def lora_scaling(module: str, rank: int, config: Mapping[str, Any]) -> float:
     return alpha / (rank**0.5 if config.get("use_rslora") else rank)
 
 
+# Provenance beside a LoRA adapter (task, method SAM/ASAM/standard, rank, ...), in the task-vector config schema.
+LORA_PROVENANCE_NAME = "saft_provenance.json"
+
+
 def read_lora_repo(directory: Path, source: str) -> RepoContents:
     """A PEFT LoRA adapter folder as lazy deltas; DoRA and other PEFT types are refused."""
     config = read_json(directory / ADAPTER_CONFIG, source)
@@ -358,7 +362,13 @@ def read_lora_repo(directory: Path, source: str) -> RepoContents:
         method="lora",
         hyperparameters={k: config.get(k) for k in ("r", "lora_alpha", "use_rslora") if k in config},
     )
-    return RepoContents(store, tv_config)
+    if (directory / LORA_PROVENANCE_NAME).is_file():  # written by examples/train_saft.py --lora_r
+        recorded = read_json(directory / LORA_PROVENANCE_NAME, source)
+        if recorded.get("task") is not None:
+            safe_name(recorded["task"], what="task name", source=f"{source}/{LORA_PROVENANCE_NAME}")
+        tv_config = {**tv_config, **{k: v for k, v in recorded.items() if k != "format_version"}}
+    head_dir = directory if (directory / HEAD_FILES[0]).is_file() else None  # a head saved beside the adapter
+    return RepoContents(store, tv_config, head_dir)
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -8,16 +8,45 @@ References:
   eq. 2: eps = rho * g / ||g||_2, the norm taken over all perturbed parameters together.
 - ASAM: Kwon et al. 2021, "ASAM: Adaptive Sharpness-Aware Minimization", eq. 9 with the element-wise
   normalisation operator T_w = |w| + eta of the authors' code: eps = rho * T^2 g / ||T g||_2.
+- LookSAM: Liu et al. 2022, "Towards Efficient and Scalable Sharpness-Aware Minimization" (CVPR), Alg. 1:
+  on a SAM step keep g_v, the part of the SAM gradient g_s orthogonal to the plain gradient g; in between,
+  descend along g + alpha * ||g|| / ||g_v|| * g_v (one pass). ``looksam_direction`` / ``looksam_reuse``.
+- SAM-ON: Mueller et al. 2023, "Normalization Layers Are All That Sharpness-Aware Minimization Needs"
+  (NeurIPS): perturb only a subset of parameters, the norm taken over that subset (``select``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["adaptive_mask", "ascent_norm", "first_step", "method_name", "second_step"]
+__all__ = [
+    "adaptive_mask",
+    "ascent_norm",
+    "first_step",
+    "looksam_direction",
+    "looksam_reuse",
+    "method_name",
+    "second_step",
+    "select",
+]
+
+
+def select(names: Sequence[str], include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> list[bool]:
+    """Which parameters SAM perturbs: names matching an ``include`` regex (all if None), minus ``exclude`` matches.
+
+    Restricting the perturbation to the normalisation layers is SAM-ON (Mueller et al. 2023); the ascent
+    norm is then taken over the selected parameters only, as there.
+    """
+    keep = [re.compile(p) for p in include] if include is not None else None
+    drop = [re.compile(p) for p in exclude or []]
+    return [
+        (keep is None or any(p.search(name) for p in keep)) and not any(p.search(name) for p in drop)
+        for name in names
+    ]
 
 
 def adaptive_mask(names: Sequence[str], scope: str = "weights") -> list[bool]:
@@ -112,3 +141,55 @@ def first_step(
 def second_step(params: Sequence[Tensor], backup: Sequence[Tensor]) -> None:
     """Put the original weights back bitwise (copy, never ``w - eps``, which rounds in low precision)."""
     torch._foreach_copy_(list(params), list(backup))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> over all elements, accumulated in fp32."""
+    return torch.dot(a.reshape(-1).float(), b.reshape(-1).float())
+
+
+@torch.no_grad()
+def looksam_direction(sam_grads: Sequence[Tensor | None], plain_grads: Sequence[Tensor]) -> Tensor | None:
+    """Overwrite ``plain_grads`` (g) with LookSAM's unit g_v / ||g_v||; return ||g_v||, or None if undefined.
+
+    g_v = g_s - ||g_s|| cos(g, g_s) g / ||g|| = g_s - (<g_s, g> / ||g||^2) g: the part of the SAM gradient
+    g_s orthogonal to the plain gradient g (Liu et al. 2022, Alg. 1), over all tensors together as in the
+    paper (some unofficial implementations project tensor by tensor instead). A missing g_s counts as 0.
+    Storing the unit direction makes the reuse step invariant to an fp16 loss scale. Returns None (and
+    leaves ``plain_grads`` unspecified) when ||g|| or ||g_v|| is zero or not finite.
+    """
+    pairs = [(s, g) for s, g in zip(sam_grads, plain_grads, strict=True) if s is not None]
+    g_sq = sum((_dot(g, g) for g in plain_grads), torch.zeros(()))
+    s_dot_g = sum((_dot(s, g) for s, g in pairs), torch.zeros(()))
+    if not (torch.isfinite(g_sq) and torch.isfinite(s_dot_g)) or g_sq.item() == 0.0:
+        return None
+    coef = (s_dot_g / g_sq).item()
+    for s, g in zip(sam_grads, plain_grads, strict=True):
+        g.mul_(-coef)
+        if s is not None:
+            g.add_(s.to(g.dtype))
+    norm = ascent_norm(plain_grads, plain_grads)
+    if not torch.isfinite(norm) or norm.item() == 0.0:
+        return None
+    torch._foreach_mul_(list(plain_grads), 1.0 / norm.item())
+    return norm
+
+
+@torch.no_grad()
+def looksam_reuse(grads: Sequence[Tensor | None], direction: Sequence[Tensor], alpha: float) -> Tensor:
+    """LookSAM's in-between step in place: g += alpha * ||g|| * u, u = g_v / ||g_v|| from the last SAM step.
+
+    (Liu et al. 2022, Alg. 1: g_s = g + alpha ||g|| / ||g_v|| g_v.) Returns ||g|| in fp32; nothing changes
+    when it is zero or not finite (e.g. an fp16 overflow, whose optimizer step the scaler skips anyway).
+    """
+    pairs = [(g, u) for g, u in zip(grads, direction, strict=True) if g is not None]
+    norm = ascent_norm([g for g, _ in pairs], [g for g, _ in pairs])
+    if pairs and torch.isfinite(norm) and norm.item() != 0.0:
+        scale = alpha * norm.item()
+        same = [(g, u) for g, u in pairs if g.dtype == u.dtype and g.device == u.device]
+        if same:
+            torch._foreach_add_([g for g, _ in same], [u for _, u in same], alpha=scale)
+        for g, u in pairs:
+            if g.dtype != u.dtype or g.device != u.device:
+                g.add_((u.float() * scale).to(device=g.device, dtype=g.dtype))
+    return norm

@@ -16,8 +16,10 @@ from tests.sam_toy import ToyClassifier, sgd_args, toy_dataset  # noqa: E402
 
 def main() -> None:
     out, ascent, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    mode, interval = (sys.argv[5], int(sys.argv[6])) if len(sys.argv) > 6 else ("sam", 1)
     torch.set_num_threads(1)
-    args = sgd_args(out, sam_rho=0.05, sam_ascent=ascent, per_device_train_batch_size=batch, max_steps=steps)
+    args = sgd_args(out, sam_rho=0.05, sam_ascent=ascent, per_device_train_batch_size=batch, max_steps=steps,
+                    sam_mode=mode, sam_interval=interval)
     trainer = SAMTrainer(model=ToyClassifier(), args=args, train_dataset=toy_dataset())
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))

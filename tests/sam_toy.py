@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from datasets import Dataset
 from torch import nn
@@ -49,23 +51,41 @@ def reference_sam(
     lr: float,
     adaptive: bool = False,
     eta: float = 0.01,
+    interval: int = 1,
+    looksam_alpha: float | None = None,
+    perturb: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """SAM/ASAM with plain SGD written out by hand: per-micro-batch perturbation, summed descent grads."""
+    """SAM/ASAM with plain SGD written out by hand: per-micro-batch perturbation, summed descent grads.
+
+    ``interval`` k: SAM on steps 0, k, 2k, ... and plain gradient steps otherwise (SAM-k, Liu et al. 2022).
+    ``looksam_alpha``: LookSAM (Liu et al. 2022, Alg. 1) instead of plain steps in between, in float64 on
+    the flattened step gradients g = sum_i grad L_i(w), g_s = sum_i grad L_i(w + eps_i) / accumulation:
+    g_v = g_s - ||g_s|| cos(g, g_s) g / ||g||, then g_s = g + alpha ||g|| / ||g_v|| g_v in between.
+    ``perturb(name)``: only those parameters get eps, the norm taken over them (SAM-ON, Mueller et al. 2023).
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    perturbed = [perturb is None or perturb(n) for n, _ in named]
     it = iter(batches)
-    for _ in range(steps):
+    g_v = None
+    for step in range(steps):
+        sam_step = step % interval == 0
         total = [torch.zeros_like(p) for p in params]
+        plain_total = [torch.zeros_like(p) for p in params]
         for _ in range(accumulation):
             batch = next(it)
             grads = torch.autograd.grad(model(batch["x"], batch["labels"]).loss, params)
+            if not sam_step:
+                total = [t + g / accumulation for t, g in zip(total, grads)]
+                continue
+            plain_total = [t + g for t, g in zip(plain_total, grads)]
             # ASAM (Kwon et al. 2021): T = |w| + eta on weights, 1 on biases; SAM: T = 1.
             scales = [
                 (p.detach().abs() + eta) if adaptive and n.endswith("weight") else torch.ones_like(p)
                 for n, p in named
             ]
-            norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scales, grads)))
-            eps = [rho * t * t * g / norm for t, g in zip(scales, grads)]
+            norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g, keep in zip(scales, grads, perturbed) if keep))
+            eps = [rho * t * t * g / norm if keep else torch.zeros_like(g) for t, g, keep in zip(scales, grads, perturbed)]
             with torch.no_grad():
                 original = [p.clone() for p in params]
                 for p, e in zip(params, eps):
@@ -75,6 +95,16 @@ def reference_sam(
                 for p, o in zip(params, original):
                     p.copy_(o)
             total = [t + g for t, g in zip(total, descent)]
+        if looksam_alpha is not None:
+            flat = torch.cat([t.reshape(-1).double() for t in total])
+            if sam_step:
+                g = torch.cat([t.reshape(-1).double() for t in plain_total])
+                cos = (g @ flat) / (g.norm() * flat.norm())
+                g_v = flat - flat.norm() * cos * g / g.norm()
+            else:
+                flat = flat + looksam_alpha * flat.norm() / g_v.norm() * g_v
+                sizes = [t.numel() for t in total]
+                total = [c.view_as(t).to(t.dtype) for c, t in zip(flat.split(sizes), total)]
         with torch.no_grad():
             for p, g in zip(params, total):
                 p.sub_(lr * g)

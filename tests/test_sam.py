@@ -90,3 +90,40 @@ def test_asam_in_bfloat16_matches_the_fp32_formula_to_bf16_precision():
     assert weight.dtype == torch.bfloat16
     torch.testing.assert_close(weight.float(), (original.float() + eps).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-2)
     assert not torch.equal(weight, original)
+
+
+def test_select_takes_include_matches_then_drops_exclude_matches():
+    names = ["fc1.weight", "fc1.bias", "norm.weight", "norm.bias"]
+    assert sam.select(names) == [True] * 4
+    assert sam.select(names, include=["norm"]) == [False, False, True, True]
+    assert sam.select(names, include=["norm"], exclude=["bias"]) == [False, False, True, False]
+    assert sam.select(names, exclude=["bias"]) == [True, False, True, False]
+
+
+def test_looksam_direction_is_the_unit_part_of_g_s_orthogonal_to_g():
+    g = [torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0.0, 0.0])]
+    g_s = [torch.tensor([[2.0, 3.0], [0.0, 0.0]]), torch.tensor([4.0, 0.0])]
+    norm = sam.looksam_direction(g_s, g)  # g is overwritten with g_v / ||g_v||
+    assert math.isclose(norm.item(), 5.0, rel_tol=1e-6)  # g_v = (0, 3, 0, 0 | 4, 0)
+    torch.testing.assert_close(g[0], torch.tensor([[0.0, 0.6], [0.0, 0.0]]))
+    torch.testing.assert_close(g[1], torch.tensor([0.8, 0.0]))
+
+
+def test_looksam_direction_is_undefined_for_a_zero_gradient_or_g_s_parallel_to_it():
+    assert sam.looksam_direction([torch.ones(3)], [torch.zeros(3)]) is None
+    assert sam.looksam_direction([2 * torch.ones(3)], [torch.ones(3)]) is None
+
+
+def test_looksam_reuse_adds_alpha_times_grad_norm_along_the_stored_direction():
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0]), None]
+    direction = [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]), torch.ones(2)]
+    norm = sam.looksam_reuse(grads, direction, alpha=0.5)
+    assert math.isclose(norm.item(), 5.0, rel_tol=1e-6)
+    torch.testing.assert_close(grads[0], torch.tensor([3.0, 2.5]))
+    torch.testing.assert_close(grads[1], torch.tensor([0.0, 4.0]))
+
+
+def test_looksam_reuse_leaves_a_non_finite_gradient_alone():
+    grads = [torch.tensor([float("inf"), 1.0])]
+    sam.looksam_reuse(grads, [torch.tensor([0.0, 1.0])], alpha=0.7)
+    assert grads[0][1].item() == 1.0

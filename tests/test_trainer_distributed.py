@@ -23,14 +23,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, ascent: str) -> list[dict[str, torch.Tensor]]:
+def _launch(out: Path, ascent: str, *mode: str) -> list[dict[str, torch.Tensor]]:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for _attempt in range(3):  # the free port can be taken by another process before torch binds it
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), str(SCRIPT), str(out), ascent, "4", "4",
+            "--main_process_port", str(_free_port()), str(SCRIPT), str(out), ascent, "4", "4", *mode,
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         if result.returncode == 0 or "address already in use" not in result.stderr.lower():
@@ -41,7 +41,7 @@ def _launch(out: Path, ascent: str) -> list[dict[str, torch.Tensor]]:
 
 
 def _single_process(tmp: Path, **overrides) -> dict[str, torch.Tensor]:
-    args = sgd_args(str(tmp), sam_rho=0.05, max_steps=4, **overrides)
+    args = sgd_args(str(tmp), **{"sam_rho": 0.05, "max_steps": 4, **overrides})
     trainer = SAMTrainer(model=ToyClassifier(), args=args, train_dataset=toy_dataset())
     trainer.train()
     return trainer.model.state_dict()
@@ -72,3 +72,18 @@ def test_global_ascent_on_two_ranks_equals_one_process_on_the_union_batch(tmp_pa
     # ... and the two modes really differ, so the comparison above means something.
     local_ref = _single_process(tmp_path / "ref2", per_device_train_batch_size=4, gradient_accumulation_steps=2)
     assert not all(torch.allclose(union[k], local_ref[k], atol=1e-6) for k in union)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ascent", ["local", "global"])
+def test_looksam_on_two_ranks_equals_its_one_process_equivalent(tmp_path, ascent):
+    # LookSAM's g and g_s are the step's gradients over both ranks; k=2 over 4 steps has two reuse steps.
+    ranks = _launch(tmp_path / "dist", ascent, "looksam", "2")
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+    layout = {"per_device_train_batch_size": 8} if ascent == "global" else {
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    expected = _single_process(tmp_path / "ref", sam_mode="looksam", sam_interval=2, **layout)
+    _assert_close(ranks[0], expected)
+    periodic = _single_process(tmp_path / "ref2", sam_mode="periodic", sam_interval=2, **layout)
+    assert not all(torch.allclose(expected[k], periodic[k], atol=1e-6) for k in expected)

@@ -70,7 +70,10 @@ def accuracies(
 def training_arguments(
     args: DemoArguments, output_dir: str, settings: Mapping[str, Any], seed: int
 ) -> SAMTrainingArguments:
-    """The fine-tuning recipe: AdamW + cosine for every variant; ``settings`` are the variant's ``sam_*``."""
+    """The fine-tuning recipe: AdamW + cosine for every variant; ``settings`` are the variant's ``sam_*``.
+
+    ``settings`` may carry any SAMTrainingArguments field (e.g. ``sam_mode``, ``sam_interval``, ``sam_include``).
+    """
     return SAMTrainingArguments(
         output_dir=output_dir,
         max_steps=args.steps,
@@ -92,10 +95,25 @@ def training_arguments(
 
 
 def finetune(
-    base_path: Path, head: ZeroShotHead, train: Items, args: DemoArguments, settings: Mapping[str, Any], seed: int
+    base_path: Path,
+    head: ZeroShotHead,
+    train: Items,
+    args: DemoArguments,
+    settings: Mapping[str, Any],
+    seed: int,
+    lora: Mapping[str, Any] | None = None,
 ) -> tuple[CLIPVisionModelWithProjection, float]:
-    """Fine-tune the whole base tower on one task under its frozen head; returns (tower, final train loss)."""
+    """Fine-tune the base tower on one task under its frozen head; returns (tower, final train loss).
+
+    ``settings`` go to SAMTrainingArguments (sam_rho, ASAM, cheap-SAM modes); ``lora`` (``r``, ``lora_alpha``,
+    ``target_modules``: peft.LoraConfig fields) trains a LoRA adapter instead of all weights, merged into
+    the returned tower so its task vector is the adapter's delta.
+    """
     vision = load_base(base_path)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        vision = get_peft_model(vision, LoraConfig(**lora))
     model = CLIPImageClassifier(vision, head)
     with tempfile.TemporaryDirectory(prefix="saft-demo-ft-") as scratch:
         trainer = SAMTrainer(
@@ -107,6 +125,8 @@ def finetune(
         for callback in (PrinterCallback, ProgressCallback):  # the demo draws its own progress bar
             trainer.remove_callback(callback)
         result = trainer.train()
+    if lora is not None:
+        vision = vision.merge_and_unload()
     vision.eval()
     return vision, float(result.training_loss)
 
