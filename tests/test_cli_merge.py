@@ -378,7 +378,9 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(vector_dirs: list[P
     deadline = time.monotonic() + 900  # generous: on a loaded 2-core machine importing torch alone can take a minute
     while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert ready.exists(), process.communicate()[1] if process.poll() is not None else "merge never started writing"
+    if not ready.exists():
+        process.kill()
+        pytest.fail(f"the merge never started writing:\n{process.communicate()[1][-3000:]}")
     assert any(p.name.startswith(".merged.") for p in tmp_path.iterdir())  # the temporary output exists now
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
