@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..pipeline import MergeJob
 
 EPILOG = """\
-merge methods: task_arithmetic, ties, pcb, dare, weight_average;
+merge methods: task_arithmetic, ties, pcb, dare, weight_average, tsv_m, iso_c, iso_cts, adamerging;
   `saft-merge --list-methods` prints each one's paper and parameters (it loads torch: a few seconds).
 
 examples:
