@@ -351,8 +351,9 @@ def test_unwritable_output_parent_is_named_in_the_error(vector_dirs: list[Path],
 
 
 _INTERRUPTIBLE = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 import saft_hf.pipeline.run as run
 from saft_hf.cli.merge import main
 
