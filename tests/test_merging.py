@@ -256,7 +256,7 @@ def test_low_precision_inputs_keep_their_dtype():
     assert_close_dicts(merged, expected, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m].needs_data))
 def test_requested_float32_output_is_the_exact_float32_merge_of_fp16_inputs(method):
     args = {"pcb": {"ratio": 0.5}}.get(method, {})  # PCB's default keeps too few entries to overlap
     halves = [{k: v.half() for k, v in d.items()} for d in random_vectors(3, seed=11)]

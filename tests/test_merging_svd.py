@@ -198,6 +198,7 @@ class OneLayerAtATime(Mapping[str, torch.Tensor]):
     def __init__(self, tensors: dict[str, torch.Tensor], live: dict[str, list[weakref.ref]]) -> None:
         self.tensors, self.live = tensors, live
         self.shapes = {name: tuple(t.shape) for name, t in tensors.items()}  # as TaskVector has
+        self.dtypes = {name: t.dtype for name, t in tensors.items()}  # headers, so merge() needs no extra read
 
     def __getitem__(self, name: str) -> torch.Tensor:
         alive = [other for other, refs in self.live.items() if other != name and any(r() is not None for r in refs)]

@@ -37,6 +37,8 @@ def t_quantile_975(df: int) -> float:
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
     """mean, std and n of ``values``, plus the 95% t-interval of the mean (ci_low, ci_high) when n > 1."""
+    if not all(math.isfinite(v) for v in values):  # e.g. the gap share when individual == zero-shot
+        return {"mean": float("nan"), "std": float("nan"), "n": len(values)}
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     out = {"mean": mean, "std": std, "n": len(values)}
