@@ -45,13 +45,10 @@ WEIGHTS_NAME = "task_vector.safetensors"  # saft_hf.task_vector_io.WEIGHTS_NAME 
 
 # ------------------------------------------------------------------------------ vectors on disk
 def tower_shapes(quick: bool) -> dict[str, tuple[int, ...]]:
-    """Floating-point parameter shapes of CLIPVisionModelWithProjection (ViT-B/32), built on meta."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    """Floating-point parameter shapes of the ViT-B/32 vision tower: merge_speed.py's, so both benchmarks agree."""
+    from merge_speed import tower_shapes as shapes_of  # the sibling script (benchmarks/ is on sys.path)
 
-    config = CLIPVisionConfig(**({"num_hidden_layers": 2} if quick else {}))
-    with torch.device("meta"):
-        model = CLIPVisionModelWithProjection(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return shapes_of("vit-b-32", quick)
 
 
 def write_vectors(directory: Path, shapes: dict[str, tuple[int, ...]], n: int) -> list[Path]:
