@@ -30,3 +30,49 @@ def test_lora_finetune_returns_a_plain_tower_that_differs_only_in_the_adapted_la
     assert set(tuned) == set(base)
     changed = {n for n in base if not torch.equal(tuned[n], base[n])}
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed), changed
+
+
+def test_every_demo_variant_gives_valid_trainer_arguments_and_its_own_label(tmp_path):
+    from saft_hf.demo.config import VARIANT_NAMES
+    from saft_hf.demo.pipeline import variant_label
+
+    args = DemoArguments(steps=2, learning_rate=1e-4, lora_learning_rate=2e-3, lora_r=4)
+    labels = {}
+    for variant in VARIANT_NAMES:
+        built = training_arguments(args, str(tmp_path), args.variant_settings(variant), 0)
+        assert built.learning_rate == (2e-3 if variant.startswith("lora") else 1e-4)
+        assert (built.sam_rho > 0) == (variant not in ("standard", "lora"))
+        assert (args.variant_lora(variant) is not None) == variant.startswith("lora")
+        labels[variant] = variant_label(args, variant)
+    assert len(set(labels.values())) == len(labels), labels  # every table row is told apart
+    assert labels["asam_looksam5"] == "ASAM ρ=0.5 LookSAM k=5" and labels["lora_asam"] == "LoRA r=4 ASAM ρ=0.5"
+    periodic = training_arguments(args, str(tmp_path), args.variant_settings("asam_periodic5"), 0)
+    assert (periodic.sam_mode, periodic.sam_interval, periodic.sam_adaptive) == ("periodic", 5, True)
+    assert args.variant_settings("asam_on")["sam_include"] == ["norm"]
+
+
+def test_demo_runs_cheap_and_lora_variants_end_to_end(tmp_path):
+    import json
+
+    from saft_hf.cli.demo import main
+    from saft_hf.task_vectors import TaskVector
+
+    argv = [
+        "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+        "--tasks", "sizes", "colours", "--steps", "3", "--batch-size", "8",
+        "--n-train", "8", "--n-validation", "8", "--n-test", "8", "--methods", "task_arithmetic", "ties",
+        "--lambda-grid", "0.5", "1.0", "--ties-densities", "0.2", "--analysis-pairs", "0",
+        "--base-hidden-size", "32", "--base-layers", "1", "--base-pretrain-steps", "2",
+        "--base-pretext-scenes", "16", "--threads", "1", "--lora-r", "2",
+        "--variants", "standard", "asam_looksam5", "lora_asam",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["summary"]["ties"]["difference"]) == {"asam_looksam5", "lora_asam"}
+    vector = TaskVector.from_pretrained(tmp_path / "out" / "task_vectors" / "seed-0" / "lora_asam" / "sizes")
+    hyper = vector.config["finetuning"]["hyperparameters"]
+    assert hyper["lora_r"] == 2 and hyper["sam_rho"] == 0.5 and hyper["learning_rate"] == 1e-3
+    moved = {name for name, delta in vector.items() if delta.abs().max() > 0}
+    assert moved and all(name.endswith(("proj.weight", "fc1.weight", "fc2.weight")) for name in moved), moved
+    looksam = TaskVector.from_pretrained(tmp_path / "out" / "task_vectors" / "seed-0" / "asam_looksam5" / "sizes")
+    assert looksam.config["finetuning"]["hyperparameters"]["sam_mode"] == "looksam"

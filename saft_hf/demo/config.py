@@ -12,7 +12,30 @@ from .data import TASK_NAMES
 # Every data-free merging method the demo compares, each with its coefficients searched on validation.
 DEMO_METHODS = ("task_arithmetic", "ties", "pcb", "tsv_m", "iso_c", "iso_cts")
 
-VARIANT_NAMES = ("standard", "asam", "sam")
+# The fine-tuning variants. 'asam' is full SAFT (the paper's ASAM); the 'asam_*' and 'lora*' variants are
+# its cheaper forms (periodic ascent and LookSAM, Liu et al. CVPR 2022; norm-only perturbation, "SAM-ON",
+# Mueller et al. NeurIPS 2023; LoRA), compared against the same standard fine-tuning. CHEAP_MODES holds
+# their cheap-SAM options (SAMTrainingArguments fields).
+CHEAP_MODES: dict[str, dict[str, Any]] = {
+    "asam_periodic2": {"sam_mode": "periodic", "sam_interval": 2},
+    "asam_periodic5": {"sam_mode": "periodic", "sam_interval": 5},
+    "asam_looksam5": {"sam_mode": "looksam", "sam_interval": 5},
+    "asam_on": {"sam_include": ["norm"]},  # pre_layrnorm, layer_norm1/2, post_layernorm
+}
+
+VARIANT_NAMES = (
+    "standard",
+    "asam",
+    "sam",
+    "asam_periodic2",
+    "asam_periodic5",
+    "asam_looksam5",
+    "asam_on",
+    "lora",
+    "lora_asam",
+)
+# Every linear layer of the encoder, as examples/train_saft.py --lora_r adapts.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 # Named bundles of defaults; explicit flags still override them (see cli/demo.py).
@@ -58,8 +81,10 @@ class DemoArguments:
         default_factory=lambda: ["standard", "asam", "sam"],
         metadata={
             "help": "Fine-tuning variants compared: 'standard' (AdamW), 'asam' (the SAFT paper's ASAM: ρ = "
-            "--asam-rho, T = |w| on every parameter, η = 0) and 'sam' (SAM, ρ = --sam-rho). The first is the "
-            "reference the others are compared with."
+            "--asam-rho, T = |w| on every parameter, η = 0) and 'sam' (SAM, ρ = --sam-rho); cheaper SAFT: "
+            "'asam_periodic2'/'asam_periodic5' (an ASAM step every 2nd/5th step), 'asam_looksam5' (LookSAM, "
+            "k = 5), 'asam_on' (only the LayerNorms perturbed, SAM-ON), 'lora' and 'lora_asam' (a LoRA adapter "
+            "of rank --lora-r, plain or ASAM). The first is the reference the others are compared with."
         },
     )
     seeds: int = field(
@@ -184,6 +209,15 @@ class DemoArguments:
             "disjoint seeds, e.g. two runs side by side with --seed-start 0 and 3) into one table in --output."
         },
     )
+    lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA adapter of the 'lora*' variants."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha of the 'lora*' variants (update scaled by alpha / r)."}
+    )
+    # Fixed before any LoRA result was seen: LoRA is usually trained with a ~10x larger rate than full
+    # fine-tuning (Hu et al. 2022 use 2e-4..2e-3); not tuned here.
+    lora_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the 'lora*' variants (LoRA needs a larger one)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
     def __post_init__(self) -> None:
@@ -209,6 +243,11 @@ class DemoArguments:
             )
         if self.seed_start < 0:
             raise ValueError(f"--seed-start must be >= 0, got {self.seed_start}")
+        if self.lora_r < 1 or not self.lora_alpha > 0 or not self.lora_learning_rate > 0:
+            raise ValueError(
+                f"--lora-r must be >= 1 and --lora-alpha, --lora-learning-rate > 0, got {self.lora_r}, "
+                f"{self.lora_alpha}, {self.lora_learning_rate}"
+            )
         for name in ("sam_rho", "asam_rho"):
             if not getattr(self, name) > 0:
                 raise ValueError(
@@ -241,12 +280,22 @@ class DemoArguments:
 
     def variant_settings(self, variant: str) -> dict[str, Any]:
         """SAMTrainingArguments overrides of a variant (ρ = 0 is plain AdamW, as a stock Trainer)."""
-        if variant == "standard":
-            return {"sam_rho": 0.0}
-        if variant == "sam":
-            return {"sam_rho": self.sam_rho, "sam_adaptive": False}
-        # the SAFT paper's code: T = |w| for every trainable parameter, no η
-        return {"sam_rho": self.asam_rho, "sam_adaptive": True, "sam_eta": 0.0, "sam_adaptive_scope": "all"}
+        if variant in ("standard", "lora"):
+            settings: dict[str, Any] = {"sam_rho": 0.0}
+        elif variant == "sam":
+            settings = {"sam_rho": self.sam_rho, "sam_adaptive": False}
+        else:  # the SAFT paper's code: T = |w| for every trainable parameter, no η
+            settings = {"sam_rho": self.asam_rho, "sam_adaptive": True, "sam_eta": 0.0, "sam_adaptive_scope": "all"}
+        settings.update(CHEAP_MODES.get(variant, {}))
+        if variant.startswith("lora"):
+            settings["learning_rate"] = self.lora_learning_rate
+        return settings
+
+    def variant_lora(self, variant: str) -> dict[str, Any] | None:
+        """peft.LoraConfig fields of a 'lora*' variant; None for the variants that train every weight."""
+        if not variant.startswith("lora"):
+            return None
+        return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": list(LORA_TARGET_MODULES)}
 
     def num_threads(self) -> int:
         """torch intra-op threads: tiny models gain nothing from more than two."""

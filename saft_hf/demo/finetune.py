@@ -72,9 +72,10 @@ def training_arguments(
 ) -> SAMTrainingArguments:
     """The fine-tuning recipe: AdamW + cosine for every variant; ``settings`` are the variant's ``sam_*``.
 
-    ``settings`` may carry any SAMTrainingArguments field (e.g. ``sam_mode``, ``sam_interval``, ``sam_include``).
+    ``settings`` may carry any SAMTrainingArguments field (e.g. ``sam_mode``, ``sam_interval``, ``sam_include``,
+    ``learning_rate``); they win over the recipe.
     """
-    return SAMTrainingArguments(
+    recipe: dict[str, Any] = dict(
         output_dir=output_dir,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
@@ -90,8 +91,8 @@ def training_arguments(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        **settings,
     )
+    return SAMTrainingArguments(**{**recipe, **settings})  # a variant may override the rate (LoRA)
 
 
 def finetune(
@@ -127,6 +128,7 @@ def finetune(
         result = trainer.train()
     if lora is not None:
         vision = vision.merge_and_unload()
+        vision.requires_grad_(True)  # PEFT froze the base weights; hand back a tower like the others
     vision.eval()
     return vision, float(result.training_loss)
 

@@ -49,15 +49,17 @@ def _save_vector(
     path: Path,
     base_name: str,
     metrics: dict[str, float],
+    lora: Mapping[str, Any] | None = None,
 ) -> TaskVector:
     """τ = tuned − base written in the Hub format, then read back as a user of the Hub would."""
     rho = float(settings.get("sam_rho", 0.0))
     adaptive = bool(settings.get("sam_adaptive", False)) and rho > 0
+    lora_fields = {f"lora_{k}" if k == "r" else k: v for k, v in (lora or {}).items()}
     config = provenance_config(
         task=task,
         base_model=f"saft-demo/{base_name}",
         method=method_name(rho, adaptive),
-        hyperparameters={**settings, "seed": seed},
+        hyperparameters={**settings, **lora_fields, "seed": seed},
         metrics=metrics,  # validation accuracy: what saft-merge --select normalized divides by
         variant=variant,
     )
@@ -73,10 +75,17 @@ def _save_vector(
 
 
 def variant_label(args: DemoArguments, variant: str) -> str:
-    """How tables name a variant: 'standard', 'ASAM ρ=0.5', 'SAM ρ=0.05'."""
+    """How tables name a variant: 'standard', 'ASAM ρ=0.5', 'ASAM ρ=0.5 LookSAM k=5', 'LoRA r=8 ASAM ρ=0.5'."""
     settings = args.variant_settings(variant)
     rho = settings["sam_rho"]
-    return "standard" if rho == 0 else f"{method_name(rho, settings.get('sam_adaptive', False))} ρ={rho:g}"
+    label = "standard" if rho == 0 else f"{method_name(rho, settings.get('sam_adaptive', False))} ρ={rho:g}"
+    mode = settings.get("sam_mode", "sam")
+    if mode != "sam":
+        label += f" {'LookSAM' if mode == 'looksam' else 'periodic'} k={settings['sam_interval']}"
+    if settings.get("sam_include"):
+        label += " norms only"
+    lora = args.variant_lora(variant)
+    return f"LoRA r={lora['r']} {label}" if lora else label
 
 
 def vector_statistics(
@@ -156,8 +165,8 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, anal
     vectors: dict[str, dict[str, TaskVector]] = {v: {} for v in variants}
     jobs = [(variant, task) for variant in variants for task in args.tasks]
     for variant, task in tqdm(jobs, desc=f"fine-tuning (seed {seed})", disable=not args.progress):
-        settings = args.variant_settings(variant)
-        tuned, loss = finetune(base_path, heads[task], splits[task]["train"], args, settings, seed)
+        settings, lora = args.variant_settings(variant), args.variant_lora(variant)
+        tuned, loss = finetune(base_path, heads[task], splits[task]["train"], args, settings, seed, lora=lora)
         individual[variant][task] = accuracy(tuned, heads[task], test[task])
         individual_validation[variant][task] = accuracy(tuned, heads[task], validation[task])
         train_loss[variant][task] = loss
@@ -166,6 +175,7 @@ def run_seed(args: DemoArguments, seed: int, base_path: Path, output: Path, anal
         vectors[variant][task] = _save_vector(
             base, tuned, heads[task], task, variant, seed, settings, path, base_path.name,
             {"accuracy": individual[variant][task], "validation_accuracy": individual_validation[variant][task]},
+            lora=lora,
         )
     timings["fine_tuning"] = time.perf_counter() - start
 
