@@ -108,11 +108,15 @@ def first_step(
     The gradients are consumed: ASAM scales fp32 ones by T^2 in place to save memory.
     ``backup``, when given, are buffers shaped like ``params`` that receive the copies: reusing them
     across steps saves allocating (and on CPU page-faulting) a full copy of the weights per micro-batch.
+    When ``backup`` *is* ``grads`` (the same tensors), each gradient's storage takes the copy of its
+    weight once the step is applied, so one buffer set serves as ascent gradient and backup.
     """
     adaptive = list(adaptive) if adaptive is not None else [False] * len(params)
     norm = ascent_norm(params, grads, adaptive, eta)
     if not torch.isfinite(norm) or norm.item() == 0.0:
         return None, norm
+    if backup is not None and all(b is g for b, g in zip(backup, grads, strict=True)):
+        return _perturb_into_gradients(params, grads, adaptive, eta, (rho / norm).item()), norm
     if backup is None:
         backup = [p.detach().clone() for p in params]
     else:
@@ -135,6 +139,29 @@ def first_step(
     if fused_params:
         torch._foreach_add_(fused_params, fused_steps, alpha=scale)  # one pass: w += scale * T^2 g
     return backup, norm
+
+
+def _perturb_into_gradients(
+    params: Sequence[Tensor], grads: Sequence[Tensor | None], adaptive: Sequence[bool], eta: float, scale: float
+) -> list[Tensor]:
+    """w += scale * T^2 g, then g's storage <- the old w (bitwise), one tensor at a time via a scratch copy."""
+    largest = max((p.numel() for p in params), default=0)
+    scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    for p, g, a in zip(params, grads, adaptive, strict=True):
+        if g is None or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+            raise ValueError("backup=grads needs every gradient present and shaped, typed and placed like its weight")
+        key = (p.dtype, p.device)
+        if key not in scratch:
+            scratch[key] = torch.empty(largest, dtype=p.dtype, device=p.device)
+        old = scratch[key][: p.numel()].view_as(p).copy_(p)
+        t = _scale(p, a, eta)
+        step = g if t is None else g.float().mul_(t.square_())
+        if step.dtype == p.dtype:
+            p.add_(step, alpha=scale)
+        else:
+            p.add_((step.float() * scale).to(p.dtype))
+        g.copy_(old)
+    return list(grads)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

@@ -76,14 +76,6 @@ class SAMTrainingArguments(TrainingArguments):
             "NeurIPS 2023, 'Normalization Layers Are All That Sharpness-Aware Minimization Needs'). Default: all.",
         },
     )
-    sam_reuse_gradients: bool = field(
-        default=False,
-        metadata={
-            "help": "Let the descent accumulate into the ascent gradients' storage instead of allocating a second "
-            "gradient set per step: fewer CPU allocations, but one more gradient set held through the descent "
-            "forward (ViT-B/32, batch 16, CPU: peak memory 1.50x a plain step instead of 1.26x). Off by default."
-        },
-    )
     sam_mode: str = field(
         default="sam",
         metadata={
@@ -268,6 +260,13 @@ class SAMTrainer(Trainer):
         accumulated = [p.grad for p in trainable]
         for p in trainable:
             p.grad = None
+        # The perturbed parameters' ascent gradients accumulate into the backup buffers (kept across
+        # steps), which then take the copy of w: SAM allocates no gradient set of its own per step, and
+        # holds no more memory than the backup it needs anyway.
+        buffers = self._backup_buffers(params)
+        torch._foreach_zero_(buffers)
+        for p, buffer in zip(params, buffers, strict=True):
+            p.grad = buffer
 
         # 2. Ascent pass at w, without DDP's all-reduce (forward and backward both inside no_sync).
         ascent_loss = self._ascent(model, inputs, num_items_in_batch)
@@ -275,27 +274,18 @@ class SAMTrainer(Trainer):
             self._all_reduce_mean(params)
         if keep_ascent:  # LookSAM: sum the plain gradients g of the step's micro-batches
             self._looksam_accumulate(trainable)
-        grads = [p.grad for p in params]
 
-        # 3. w -> w + eps (fp32 norm; skipped when zero/inf/nan, the same on every rank in 'global').
+        # 3. w -> w + eps (fp32 norm; skipped when zero/inf/nan, the same on every rank in 'global');
+        #    each buffer's gradient is consumed and replaced by its weight's copy.
         backup, norm = sam.first_step(
-            params, grads, self.args.sam_rho, self._sam_adaptive, self.args.sam_eta, backup=self._backup_buffers(params)
+            params, buffers, self.args.sam_rho, self._sam_adaptive, self.args.sam_eta, backup=buffers
         )
-        del grads
 
-        # 4. Put the accumulated gradients back before the descent, so DDP all-reduces them with it. Where
-        #    there are none (the first micro-batch) and sam_reuse_gradients is set, the descent accumulates
-        #    into the ascent gradients' storage, zeroed: one gradient set per step instead of two, but held
-        #    through the descent forward (+1 gradient set of peak memory: measured 1.50x instead of 1.26x).
-        reuse = []
+        # 4. Put the accumulated gradients back before the descent, so DDP all-reduces them with it
+        #    (None on the first micro-batch: the descent's gradients are allocated as a plain step's are).
         for p, grad in zip(trainable, accumulated, strict=True):
-            if grad is None and p.grad is not None and self.args.sam_reuse_gradients:
-                reuse.append(p.grad)
-            else:
-                p.grad = grad
-        if reuse:
-            torch._foreach_zero_(reuse)
-        del accumulated, reuse
+            p.grad = grad
+        del accumulated
 
         # 5. Descent through the parent: same loss scaling, num_items_in_batch, GradScaler, backward.
         try:
@@ -329,7 +319,7 @@ class SAMTrainer(Trainer):
         self._looksam_ready = norm is not None
 
     def _backup_buffers(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
-        """One copy of the perturbed weights, allocated once and reused for every micro-batch."""
+        """One buffer per perturbed weight, allocated once: the ascent gradient, then the copy of w."""
         buffers = self._sam_backup
         if buffers is None or len(buffers) != len(params) or any(
             b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, params)

@@ -106,7 +106,7 @@ def _toy_argv(output, cache):
         "--lambda-grid", "0.5", "1.0", "--ties-densities", "0.2", "--pcb-ratios", "0.1",
         "--analysis-alphas", "0.0", "1.0", "--analysis-samples", "8", "--analysis-pairs", "1",
         "--base-hidden-size", "32", "--base-layers", "1", "--base-pretrain-steps", "2",
-        "--base-pretext-scenes", "16", "--threads", "1", "--variants", "standard", "sam",
+        "--base-pretext-scenes", "16", "--threads", "1", "--variants", "standard", "sam", "--adamerging-steps", "4",
         "--seed-start", "2",
     ]  # fmt: skip
 
@@ -133,7 +133,8 @@ def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
     output = toy_run["output"]
     results = json.loads((output / "results.json").read_text())
     summary = results["summary"]
-    assert set(summary) == {"zero_shot", "individual", "task_arithmetic", "ties", "pcb", "tsv_m", "iso_c", "iso_cts"}
+    assert set(summary) == {"zero_shot", "individual", "task_arithmetic", "ties", "pcb", "tsv_m", "iso_c", "iso_cts",
+                            "adamerging"}
     for row in summary.values():
         diff = row["sam"]["mean"]["mean"] - row["standard"]["mean"]["mean"]
         assert row["difference"]["sam"]["mean"]["mean"] == pytest.approx(diff)
@@ -141,6 +142,10 @@ def test_demo_end_to_end_writes_table_json_vectors_and_figures(toy_run):
     seed = results["seeds"][0]
     assert seed["seed"] == 2  # --seed-start 2
     assert seed["merged"]["ties"]["sam"]["method_args"] == {"density": 0.2}
+    ada = seed["merged"]["adamerging"]["sam"]  # learned on the unlabeled test inputs, 4 Adam steps from λ = 0.3
+    assert ada["method_args"] == {"granularity": "layer", "adapt_split": "test", "steps": 4}
+    assert 0.0 <= ada["scaling"] <= 1.0 and ada["scaling"] != 0.3 and len(ada["coefficients_per_task"]) == 2
+    assert set(ada["test"]) == {"sizes", "colours"} and "AdaMerging" in (output / "results.md").read_text()
     assert seed["merged"]["task_arithmetic"]["standard"]["scaling"] in (0.5, 1.0)
     assert summary["task_arithmetic"]["standard"]["lambda"]["mean"] in (0.5, 1.0)
     assert -1.0 <= seed["merged"]["ties"]["sam"]["mean_cosine"] <= 1.0

@@ -59,13 +59,6 @@ def test_looksam_with_alpha_zero_is_periodic_sam(tmp_path):
         assert torch.equal(looksam.model.state_dict()[name], value), name
 
 
-def test_reusing_the_ascent_gradients_storage_gives_the_same_weights(tmp_path):
-    reused = _train(tmp_path / "a", sam_rho=0.5, gradient_accumulation_steps=2, sam_reuse_gradients=True)
-    fresh = _train(tmp_path / "b", sam_rho=0.5, gradient_accumulation_steps=2)
-    for name, value in fresh.model.state_dict().items():
-        assert torch.equal(reused.model.state_dict()[name], value), name
-
-
 @pytest.mark.parametrize("mode", ["periodic", "looksam"])
 def test_interval_one_is_plain_sam_bitwise(tmp_path, mode):
     cheap = _train(tmp_path / "a", sam_rho=0.5, sam_mode=mode, gradient_accumulation_steps=2)
@@ -94,31 +87,28 @@ def test_an_include_that_matches_nothing_names_the_parameters(tmp_path):
     assert "fc1.weight" in str(error.value)
 
 
-class _AscentGradients(SAMTrainer):
-    """Records the gradient tensors the ascent backward produced, to compare with those the optimizer sees."""
+class _GradientLog(SAMTrainer):
+    """Records, at every forward, which storage each perturbed weight's .grad uses (None: no gradient)."""
 
-    def _ascent(self, model, inputs, num_items_in_batch):
-        loss = super()._ascent(model, inputs, num_items_in_batch)
-        self.ascent_grads = [p.grad for p in self._sam_trainable]  # a reference: their memory cannot be reused
-        return loss
-
-    def optimizer_step_grads(self):
-        return [p.grad for p in self._sam_trainable]
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        named = self._sam_parameters()
+        self.forward_grads = getattr(self, "forward_grads", [])
+        self.forward_grads.append([None if p.grad is None else p.grad.data_ptr() for _, p in named])
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def test_with_sam_reuse_gradients_the_descent_accumulates_into_the_ascent_gradients_storage(tmp_path):
-    from transformers import TrainerCallback
-
-    seen = []
-
-    class Check(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            seen.append(all(d is a for d, a in zip(trainer.optimizer_step_grads(), trainer.ascent_grads)))
-
-    args = sgd_args(str(tmp_path), sam_rho=0.05, max_steps=3, sam_reuse_gradients=True)
-    trainer = _AscentGradients(model=ToyClassifier(), args=args, train_dataset=toy_dataset(), callbacks=[Check()])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_ascent_gradients_live_in_the_backup_buffers_and_the_descent_holds_none(tmp_path, adaptive):
+    args = sgd_args(str(tmp_path), sam_rho=0.05, sam_adaptive=adaptive, max_steps=3)
+    trainer = _GradientLog(model=ToyClassifier(), args=args, train_dataset=toy_dataset())
     trainer.train()
-    assert seen == [True, True, True], "a second full gradient set was allocated for the descent"
+    buffers = [b.data_ptr() for b in trainer._sam_backup]
+    ascents, descents = trainer.forward_grads[0::2], trainer.forward_grads[1::2]
+    assert len(ascents) == len(descents) == 3
+    # the same buffers, allocated once, receive every step's ascent gradient ...
+    assert all(ptrs == buffers for ptrs in ascents)
+    # ... and no gradient set is alive through the descent forward (peak memory as a plain step + backup)
+    assert all(ptr is None for ptrs in descents for ptr in ptrs)
 
 
 def _train_with_scaler(tmp_path, init_scale, **overrides):

@@ -9,8 +9,9 @@ from typing import Any
 from .base import BaseSpec
 from .data import TASK_NAMES
 
-# Every data-free merging method the demo compares, each with its coefficients searched on validation.
-DEMO_METHODS = ("task_arithmetic", "ties", "pcb", "tsv_m", "iso_c", "iso_cts")
+# Every merging method the demo compares: the data-free ones with their coefficients searched on
+# validation, and layer-wise AdaMerging (coefficients learned on the unlabeled test inputs, its paper's way).
+DEMO_METHODS = ("task_arithmetic", "ties", "pcb", "tsv_m", "iso_c", "iso_cts", "adamerging")
 
 # The fine-tuning variants. 'asam' is full SAFT (the paper's ASAM); the 'asam_*' and 'lora*' variants are
 # its cheaper forms (periodic ascent and LookSAM, Liu et al. CVPR 2022; norm-only perturbation, "SAM-ON",
@@ -136,6 +137,9 @@ class DemoArguments:
     pcb_ratios: list[float] = field(
         default_factory=lambda: [0.05, 0.1, 0.2], metadata={"help": "PCB ratios searched."}
     )
+    adamerging_steps: int = field(
+        default=500, metadata={"help": "Adam steps of the adamerging row (its paper's 500)."}
+    )
     analysis_pairs: int = field(
         default=2,
         metadata={"help": "Task pairs analysed (ξ and joint-loss maps): (1st, 2nd), (3rd, 4th), ... tasks."},
@@ -194,7 +198,8 @@ class DemoArguments:
     methods: list[str] = field(
         default_factory=lambda: list(DEMO_METHODS),
         metadata={
-            "help": f"Merging methods compared, each with its coefficients searched on validation: {' '.join(DEMO_METHODS)}."
+            "help": "Merging methods compared, each with its coefficients searched on validation (adamerging: "
+            f"learned on the unlabeled test inputs, as its paper does): {' '.join(DEMO_METHODS)}."
         },
     )
     add_methods: list[str] | None = field(
@@ -226,7 +231,8 @@ class DemoArguments:
             raise ValueError(f"unknown task(s) {unknown}; --tasks takes names from: {' '.join(TASK_NAMES)}")
         if len(set(self.tasks)) != len(self.tasks) or len(self.tasks) < 2:
             raise ValueError(f"--tasks needs at least two distinct tasks to merge, got {self.tasks}")
-        for name in ("seeds", "steps", "batch_size", "n_train", "n_validation", "n_test", "analysis_samples"):
+        for name in ("seeds", "steps", "batch_size", "n_train", "n_validation", "n_test", "analysis_samples",
+                     "adamerging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.analysis_pairs < 0:

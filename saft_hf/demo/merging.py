@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import CLIPVisionModelWithProjection
 
 from ..clip import ZeroShotHead
 from ..merging import SearchResult, merge, search_coefficients
+from ..merging.adamerging import adamerging_coefficients
 from ..task_vectors import add_scaled_
 from .config import DEMO_METHODS as METHODS  # noqa: F401  (re-exported)
 from .config import DemoArguments
@@ -28,6 +30,33 @@ def method_settings(method: str, args: DemoArguments) -> list[dict[str, Any]]:
     return [{}]
 
 
+def adamerging_and_evaluate(
+    vectors: Sequence[Mapping[str, Tensor]],
+    model: CLIPVisionModelWithProjection,
+    base_state: Mapping[str, Tensor],
+    heads: Mapping[str, ZeroShotHead],
+    test: Mapping[str, Items],
+    steps: int = 500,
+) -> dict[str, Any]:
+    """Layer-wise AdaMerging with the paper's defaults, adapted on the *unlabeled* test inputs (its
+    default split; no label is passed), then test accuracy; `model` ends at base."""
+    inputs = {task: torch.stack([item["pixel_values"] for item in items]) for task, items in test.items()}
+    result = adamerging_coefficients(
+        model, base_state, vectors, heads, inputs, progress=False, granularity="layer", steps=steps
+    )
+    test_accuracy = accuracies(model, heads, test)
+    add_scaled_(model, base_state, [], [])
+    coefficients = torch.tensor(result.coefficients)
+    return {
+        "scaling": float(coefficients.mean()),  # the mean learned λ, where the other rows give their λ
+        "method_args": {"granularity": "layer", "adapt_split": "test", "steps": steps},
+        "validation_mean": None,  # nothing is chosen on validation
+        "test": test_accuracy,
+        "entropy": [result.entropy[0], result.entropy[-1]],
+        "coefficients_per_task": coefficients.mean(dim=1).tolist(),
+    }
+
+
 def merge_and_evaluate(
     method: str,
     vectors: Sequence[Mapping[str, Tensor]],
@@ -39,6 +68,8 @@ def merge_and_evaluate(
     args: DemoArguments,
 ) -> dict[str, Any]:
     """Best setting by mean validation accuracy, then test accuracy per task; `model` ends at base."""
+    if method == "adamerging":
+        return adamerging_and_evaluate(vectors, model, base_state, heads, test, args.adamerging_steps)
     best: SearchResult | None = None
     for settings in method_settings(method, args):
         result = search_coefficients(

@@ -16,6 +16,7 @@ LABELS = {
     "tsv_m": "TSV-M",
     "iso_c": "Iso-C",
     "iso_cts": "Iso-CTS",
+    "adamerging": "AdaMerging (layer-wise)",
 }
 
 

@@ -76,7 +76,7 @@ def top_components(matrix: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     else:
         _, eigenvectors = torch.linalg.eigh(matrix @ matrix.T)  # ascending eigenvalues
         basis = eigenvectors[:, -k:]
-        u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+        u_small, s, vh = thin_svd(basis.T @ matrix)  # k × n: gesdd is faster on its tall transpose
         u = basis @ u_small
     keep = min(k, numerical_rank(s, matrix.shape))
     return u[:, :keep], s[:keep], vh[:keep]
