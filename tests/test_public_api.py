@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import saft_hf
 
 
@@ -38,3 +40,15 @@ def test_testing_module_builds_the_offline_setup_the_readme_uses(tmp_path):
     for task, classes in TINY_TASKS.items():
         data = load_from_disk(str(tmp_path / "data" / task))
         assert data["train"].features["label"].names == classes
+
+
+@pytest.mark.parametrize("command", ["analyze", "demo"])
+def test_help_of_the_analysis_and_demo_commands_imports_no_torch(command):
+    """--help answers at once: neither torch nor datasets is loaded to print it."""
+    code = (
+        f"import sys\nfrom saft_hf.cli.{command} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'datasets') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+    assert "usage:" in result.stdout

@@ -17,13 +17,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..task_vectors import add_scaled_
+from .defaults import DEFAULT_ALPHAS, DEFAULT_OTHERS_SCALE  # noqa: F401  (re-exported)
 from .evaluation import Batch, LogitsFn, at_base_afterwards, evaluate_task, materialise, sum_vectors
 
 # Cheap default: 9 × 9 points, step 0.25, containing 0 and 1 (the pre-trained and fine-tuned ends).
-DEFAULT_ALPHAS: tuple[float, ...] = tuple(-0.5 + 0.25 * i for i in range(9))
 # Coefficient of the other tasks' vectors in the merged variant: the usual task-arithmetic optimum
 # for eight ViT tasks (Ilharco et al. 2023 search λ ∈ [0, 1]; ~0.3 is typical).
-DEFAULT_OTHERS_SCALE = 0.3
 
 
 @dataclass

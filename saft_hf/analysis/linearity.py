@@ -15,9 +15,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..task_vectors import add_scaled_
+from .defaults import DEFAULT_CTL_LAMBDA  # noqa: F401  (re-exported)
 from .evaluation import Batch, FeaturesFn, at_base_afterwards, block_outputs, materialise, model_device
-
-DEFAULT_CTL_LAMBDA = 0.3  # a typical task-arithmetic coefficient (Ilharco et al. 2023 search λ ∈ [0, 1])
 
 
 def cross_task_linearity(

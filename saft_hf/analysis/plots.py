@@ -21,9 +21,9 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..io_utils import atomic_file  # noqa: E402
+from .defaults import DEFAULT_SEARCH_REGION  # noqa: F401  (re-exported)
 
 # The square a task-arithmetic coefficient search covers (λ from 0.05 to 1); outlined on heatmaps.
-DEFAULT_SEARCH_REGION = (0.05, 1.0)
 PANEL_INCHES = 4.0
 COLORBAR_INCHES = 1.0
 DEFAULT_DPI = 100

@@ -6,14 +6,18 @@ tasks are fine-tuned standard and SAFT (SAM) through `SAMTrainer`, saved as task
 """
 
 from .config import DemoArguments
-from .data import TASK_NAMES, build_task
+from .spec import TASK_NAMES
 
 __all__ = ["DemoArguments", "TASK_NAMES", "build_task", "run_demo"]
 
 
-def __getattr__(name: str):  # noqa: ANN202  (run_demo imports the trainer stack: load it on use)
+def __getattr__(name: str):  # noqa: ANN202  (torch, datasets and the trainer stack load on use, not on --help)
     if name == "run_demo":
         from .pipeline import run_demo
 
         return run_demo
+    if name == "build_task":
+        from .data import build_task
+
+        return build_task
     raise AttributeError(f"module 'saft_hf.demo' has no attribute {name!r}")

@@ -6,8 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .base import BaseSpec
-from .data import TASK_NAMES
+from .spec import TASK_NAMES, BaseSpec
 
 # Every merging method the demo compares: the data-free ones with their coefficients searched on
 # validation, and layer-wise AdaMerging (coefficients learned on the unlabeled test inputs, its paper's way).

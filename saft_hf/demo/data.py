@@ -18,6 +18,7 @@ from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw
 
 from . import primitives as P
+from .spec import TASK_NAMES
 
 SPLITS = ("train", "validation", "test")
 
@@ -232,7 +233,8 @@ TASKS: dict[str, DemoTask] = {
         DemoTask("sizes", ("tiny", "small", "large", "huge"), _render_size),
     )
 }
-TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+if tuple(TASKS) != TASK_NAMES:  # the light list the CLI validates with must match
+    raise RuntimeError(f"demo task list out of sync: {tuple(TASKS)} vs {TASK_NAMES}")
 
 
 def _split_seed(task: str, seed: int, split: str) -> list[int]:
