@@ -76,9 +76,8 @@ def main() -> None:
     base = {row: values("standard", row) for row in ROWS}
     print("| standard | " + " | ".join(_fmt(base[r]) for r in ROWS) + " |" + " |" * len(ROWS))
     gains = {}
-    for variant in ([v for v in ["asam"] if any("full" in seeds[s] for s in order)] + [v for v in variants if v != "asam"]):
-        if variant == "asam" and not all("full" in seeds[s] for s in order):
-            continue
+    full_rows = ["asam"] if all("full" in seeds[s] for s in order) else []  # full SAFT only if every seed has it
+    for variant in full_rows + [v for v in variants if v != "asam"]:
         own = {row: values(variant, row) for row in ROWS}
         diff = {row: [a - b for a, b in zip(own[row], base[row])] for row in ROWS}
         gains[variant] = {row: statistics.fmean(diff[row]) for row in ROWS}

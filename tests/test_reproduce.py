@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from saft_hf.reproduce import (
     summarize,
     write_marker,
 )
+from tests.examples import load_example
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "reproduce_saft.py"
@@ -37,13 +37,8 @@ METHODS = ["task_arithmetic", "weight_average"]
 
 
 def load_reproduce_script():
-    """Import the example as a module (registered in sys.modules, as its dataclasses need)."""
-    if "reproduce_saft" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reproduce_saft", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["reproduce_saft"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["reproduce_saft"]
+    """The example script as a module."""
+    return load_example("reproduce_saft")
 
 
 # --------------------------------------------------------------------------- markers and checkpoints

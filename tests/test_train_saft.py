@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,19 +18,15 @@ from saft_hf.clip import ZeroShotHead, build_zero_shot_head, load_vision_tower
 from saft_hf.pipeline.inputs import recorded_accuracy, recorded_validation_accuracy
 from saft_hf.task_vectors import TaskVector
 from saft_hf.tasks import resolve_task
+from tests.examples import load_example
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_saft.py"
 
 
 def _load_script():
-    """Import the example as a module (registered in sys.modules, as its dataclasses need)."""
-    if "train_saft" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_saft", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_saft"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train_saft"]
+    """The example script as a module."""
+    return load_example("train_saft")
 
 
 def _launch(tmp: Path, clip_dir: Path, data_dir: Path, processes: int, *extra: str) -> tuple[subprocess.Popen, Path]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from .registry import MethodParam, check_fraction, register_method, scaling_param
@@ -28,7 +27,7 @@ from .subspaces import (
     layer_mean,
     merge_per_layer,
     numerical_rank,
-    orthogonalize,
+    rebuild_decorrelated,
     thin_svd,
     top_components,
 )
@@ -58,22 +57,9 @@ def isotropic_common_task_specific_merge(matrices: Sequence[Tensor], common_shar
     rank = min(rows, cols)
     common, per_task = subspace_sizes(rank, len(matrices), common_share)
     u_common, s_common, vh_common = top_components(layer_mean(matrices).mul_(len(matrices)), common)
-    us, ss, vhs = [], [], []
-    for matrix in matrices:
-        specific = matrix - u_common @ (u_common.T @ matrix)  # remove the common subspace
-        u, s, vh = top_components(specific, per_task)
-        us.append(u)
-        ss.append(s)
-        vhs.append(vh)
-    us.append(u_common)
-    ss.append(s_common)
-    vhs.append(vh_common)
-    singular_values = torch.cat(ss)
-    if singular_values.numel() == 0:
-        return torch.zeros(rows, cols)
-    u_perp = orthogonalize(torch.cat(us, dim=1))
-    v_perp = orthogonalize(torch.cat(vhs, dim=0).T)
-    return (u_perp * (singular_values.sum() / rank)) @ v_perp.T
+    # each task's top components outside the common subspace, then the common ones
+    specific = [top_components(m - u_common @ (u_common.T @ m), per_task) for m in matrices]
+    return rebuild_decorrelated([*specific, (u_common, s_common, vh_common)], (rows, cols), isotropic_rank=rank)
 
 
 @register_method(

@@ -99,6 +99,23 @@ def orthogonalize(columns: Tensor) -> Tensor:
     return columns @ ((eigenvectors * scale) @ eigenvectors.T).to(columns.dtype)
 
 
+def rebuild_decorrelated(
+    components: Sequence[tuple[Tensor, Tensor, Tensor]], shape: Sequence[int], isotropic_rank: int | None = None
+) -> Tensor:
+    """``U⊥ diag(σ) V⊥ᵀ`` from kept singular triplets ``(U_i, σ_i, Vh_i)``, U and V each orthogonalised.
+
+    The rebuild step of TSV-M (Gargiulo et al. 2025); with ``isotropic_rank`` r every σ becomes Σσ / r,
+    the flat spectrum of Iso-CTS (Marczak et al. 2025). No component kept (e.g. all-zero tasks): zeros.
+    """
+    singular_values = torch.cat([s for _, s, _ in components])
+    if singular_values.numel() == 0:
+        return torch.zeros(*shape)
+    u_perp = orthogonalize(torch.cat([u for u, _, _ in components], dim=1))  # m × p
+    v_perp = orthogonalize(torch.cat([vh for _, _, vh in components], dim=0).T)  # n × p
+    weights = singular_values if isotropic_rank is None else singular_values.sum() / isotropic_rank
+    return (u_perp * weights) @ v_perp.T
+
+
 def layer_mean(tensors: Sequence[Tensor]) -> Tensor:
     """Mean of one parameter over the tasks: how both authors' codes combine non-matrix parameters."""
     total = tensors[0].clone()
@@ -135,6 +152,7 @@ __all__ = [
     "numerical_rank",
     "orthogonalize",
     "merge_per_layer",
+    "rebuild_decorrelated",
     "thin_svd",
     "top_components",
 ]

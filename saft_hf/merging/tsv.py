@@ -16,11 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from .registry import register_method, scaling_param
-from .subspaces import merge_per_layer, orthogonalize, top_components
+from .subspaces import merge_per_layer, rebuild_decorrelated, top_components
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +31,7 @@ def task_singular_vectors_merge(matrices: Sequence[Tensor]) -> Tensor:
     """TSV-M of one layer: the T task matrices (each m × n, float32) → their merged m × n matrix (α = 1)."""
     rows, cols = matrices[0].shape
     k = min(rows, cols) // len(matrices)
-    us, ss, vhs = [], [], []
-    for matrix in matrices:
-        u, s, vh = top_components(matrix, k)
-        us.append(u)
-        ss.append(s)
-        vhs.append(vh)
-    singular_values = torch.cat(ss)
-    if singular_values.numel() == 0:
-        return torch.zeros(rows, cols)
-    u_perp = orthogonalize(torch.cat(us, dim=1))  # m × p
-    v_perp = orthogonalize(torch.cat(vhs, dim=0).T)  # n × p
-    return (u_perp * singular_values) @ v_perp.T
+    return rebuild_decorrelated([top_components(matrix, k) for matrix in matrices], (rows, cols))
 
 
 @register_method(
