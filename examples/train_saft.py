@@ -16,6 +16,7 @@ With ``--lora_r`` only a PEFT LoRA adapter is trained (SAM/ASAM perturb its para
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -41,6 +42,7 @@ from saft_hf.clip import (
     load_clip_model,
     load_vision_tower,
 )
+from saft_hf.io_utils import apply_umask_modes, replace_dir
 from saft_hf.metrics import load_accuracy
 from saft_hf.task_vector_io import provenance_config
 from saft_hf.task_vectors import TaskVector
@@ -125,6 +127,14 @@ class ScriptArguments:
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LORA_TARGET_MODULES),
         metadata={"help": "Module names that get a LoRA adapter. Default: every linear layer of the encoder."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a finished run (results.json) in --output_dir; the old outputs stay in place until "
+            "the new run has finished. Without it a finished run is refused, and an unfinished one with Trainer "
+            "checkpoints (--save_steps) is resumed from its newest complete checkpoint."
+        },
     )
     traceback: bool = field(
         default=False, metadata={"help": "Show the full traceback of an error instead of one line."}
@@ -260,6 +270,58 @@ def check_inputs(task: str, script_args: ScriptArguments, training_args: SAMTrai
             )
 
 
+def finished_run(output_dir: Path) -> str | None:
+    """A description of the finished run in ``output_dir`` (its ``results.json``), or None if there is none."""
+    results = output_dir / "results.json"
+    if not results.is_file():
+        return None
+    try:
+        recorded = json.loads(results.read_text())
+        summary = f"task {recorded.get('task')}, {recorded.get('method')}, test accuracy {recorded.get('test_accuracy')}"
+    except (OSError, ValueError):
+        summary = "results.json unreadable"
+    return summary
+
+
+def check_output(output_dir: Path, script_args: ScriptArguments) -> None:
+    """Refuse to replace a finished run unless ``--overwrite_output_dir`` (the Trainer's name for "replace")."""
+    finished = finished_run(output_dir)
+    if finished is not None and not script_args.overwrite_output_dir:
+        raise UsageError(
+            f"--output_dir {str(output_dir)!r} holds a finished run ({finished}); pass --overwrite_output_dir to "
+            "replace it once the new run has finished, or choose another --output_dir."
+        )
+
+
+def resume_checkpoint(output_dir: Path) -> str | None:
+    """The newest complete Trainer checkpoint of an unfinished run in ``output_dir``, to resume from; else None."""
+    from saft_hf.reproduce.stages import latest_valid_checkpoint
+
+    if not output_dir.is_dir():
+        return None
+    checkpoint, removed = latest_valid_checkpoint(output_dir) if PartialState().is_main_process else (None, [])
+    for problem in removed:
+        print(f"train_saft.py: removed an incomplete checkpoint: {problem}", file=sys.stderr)
+    PartialState().wait_for_everyone()
+    if checkpoint is None and not PartialState().is_main_process:
+        checkpoint, _ = latest_valid_checkpoint(output_dir)
+    return str(checkpoint) if checkpoint is not None else None
+
+
+def absolute_steps(training_args: SAMTrainingArguments) -> None:
+    """Turn fractional ``logging/save/eval_steps`` into step counts when ``max_steps`` is known.
+
+    The Trainer converts them internally but compares the fraction with the count it saved when it
+    resumes, warning about a mismatch that is not one.
+    """
+    if training_args.max_steps <= 0:
+        return
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(training_args, name)
+        if value is not None and 0 < value < 1:
+            setattr(training_args, name, max(1, math.ceil(training_args.max_steps * value)))
+
+
 def warn_if_fewer_processes(training_args: SAMTrainingArguments) -> bool:
     """Warn when ``accelerate launch --num_processes N`` (N > 1) started a single process; True if warned.
 
@@ -333,6 +395,7 @@ def train_task(
         vision = add_lora(vision, lora)
     model = CLIPImageClassifier(vision, head)
 
+    absolute_steps(training_args)
     trainer = SAMTrainer(
         model=model,
         args=training_args,
@@ -424,13 +487,35 @@ def main(argv: list[str] | None = None) -> int:
         warn_if_fewer_processes(training_args)
         tasks = list(TASKS) if script_args.task.lower() == "all" else [script_args.task]
         root = Path(training_args.output_dir)
+        targets = {task: root / TASKS[task].name if len(tasks) > 1 else root for task in tasks}
         for task in tasks:
             check_inputs(task, script_args, training_args)
-        for task in tasks:
-            training_args.output_dir = str(root / TASKS[task].name) if len(tasks) > 1 else str(root)
-            if not Path(training_args.output_dir).exists():
-                created.append(Path(training_args.output_dir))
-            train_task(task, script_args, training_args)
+            check_output(targets[task], script_args)
+        state, asked_resume = PartialState(), training_args.resume_from_checkpoint
+        for task, target in targets.items():
+            if script_args.overwrite_output_dir and target.exists():
+                # train beside the old run; it is replaced only once the new one has finished
+                staging = target.with_name(f".{target.name}.overwrite.tmp")
+                if state.is_main_process:
+                    shutil.rmtree(staging, ignore_errors=True)
+                state.wait_for_everyone()
+                created.append(staging)
+                training_args.output_dir, training_args.resume_from_checkpoint = str(staging), None
+                train_task(task, script_args, training_args)
+                if state.is_main_process:
+                    apply_umask_modes(staging)
+                    replace_dir(staging, target)
+                    print(f"train_saft.py: replaced the run in {target}", file=sys.stderr)
+                state.wait_for_everyone()
+            else:
+                training_args.output_dir = str(target)
+                if not target.exists():
+                    created.append(target)
+                checkpoint = asked_resume or resume_checkpoint(target)
+                if checkpoint is not None and asked_resume is None and state.is_main_process:
+                    print(f"train_saft.py: resuming the unfinished run in {target} from {checkpoint}", file=sys.stderr)
+                training_args.resume_from_checkpoint = checkpoint
+                train_task(task, script_args, training_args)
             created = []  # a finished task's outputs are complete: keep them
     except (UsageError, ValueError, KeyError, OSError) as err:
         if show_traceback:

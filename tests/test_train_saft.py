@@ -261,3 +261,68 @@ def test_one_process_started_for_several_asked_is_warned_about(tmp_path, monkeyp
     assert "accelerate launch --multi_gpu --num_processes N" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")  # a real 2-process launch
     assert script.warn_if_fewer_processes(args) is False
+
+
+# ----------------------------------------------------------------------------- an existing output folder
+def _tree_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tiny_argv(out: Path, clip_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return ["--task", "TinyColors", "--model_name_or_path", str(clip_dir), "--data_dir", str(data_dir),
+            "--output_dir", str(out), "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+            "--warmup_steps", "0", "--use_cpu", "true", "--disable_tqdm", "true", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_refused_and_left_untouched(single_run, tiny_clip_dir, tiny_task_data_dir, capsys):
+    before = _tree_digest(single_run)
+    code = _load_script().main(_tiny_argv(single_run, tiny_clip_dir, tiny_task_data_dir, "--max_steps", "2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "holds a finished run" in err[0] and "--overwrite_output_dir" in err[0]
+    assert _tree_digest(single_run) == before
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_replaces_a_finished_run_once_the_new_one_has_finished(
+    single_run, tmp_path, tiny_clip_dir, tiny_task_data_dir, capsys
+):
+    out = tmp_path / "run"
+    shutil.copytree(single_run, out)
+    argv = _tiny_argv(out, tiny_clip_dir, tiny_task_data_dir, "--max_steps", "2", "--overwrite_output_dir", "true")
+    assert _load_script().main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["global_step"] == 2  # the old run did 8
+    assert "replaced the run" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left behind
+
+
+@pytest.mark.slow
+def test_an_unfinished_run_with_checkpoints_is_resumed_not_replaced(
+    tmp_path, tiny_clip_dir, tiny_task_data_dir, capsys
+):
+    out = tmp_path / "run"
+    argv = _tiny_argv(out, tiny_clip_dir, tiny_task_data_dir, "--max_steps", "4", "--save_strategy", "steps",
+                      "--save_steps", "2")  # fmt: skip
+    assert _load_script().main(argv) == 0
+    # what a run killed after step 2 leaves: the step-2 checkpoint, no later one and no results
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert _load_script().main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"resuming the unfinished run in {out} from {out / 'checkpoint-2'}" in err
+    assert json.loads((out / "results.json").read_text())["global_step"] == 4
+
+
+def test_fractional_step_settings_match_what_a_checkpoint_records(tmp_path):
+    """Resuming compares args with trainer_state.json: a fraction (0.05) against its count warned every time."""
+    from transformers import TrainerState
+
+    script = _load_script()
+    _, args = script.parse_args(["--output_dir", str(tmp_path), "--max_steps", "40", "--save_steps", "0.5"])
+    script.absolute_steps(args)
+    state = TrainerState()
+    state.compute_steps(args, 40)
+    assert (args.logging_steps, args.save_steps) == (2, 20)
+    assert (state.logging_steps, state.save_steps) == (args.logging_steps, args.save_steps)
