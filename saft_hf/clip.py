@@ -205,7 +205,12 @@ def load_vision_tower(model_name_or_path: str | os.PathLike, **kwargs: Any) -> C
     For a full checkpoint the vision config gets the top-level ``projection_dim``, which the vision
     sub-config does not always carry. Weights are read from safetensors only.
     """
-    kwargs = _safetensors_only(model_name_or_path, kwargs)
+    return vision_tower_from(model_name_or_path, **_safetensors_only(model_name_or_path, kwargs))
+
+
+def vision_tower_from(model_name_or_path: str | os.PathLike, **kwargs: Any) -> CLIPVisionModelWithProjection:
+    """:func:`load_vision_tower` without the safetensors-only rule: for a *base* model that transformers reads
+    (``use_safetensors=False`` goes through its ``weights_only`` loader); see :mod:`saft_hf.base_model`."""
     config_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
     if not isinstance(config, CLIPConfig):

@@ -8,6 +8,7 @@ start private (0700) and safetensors writes files 0600, which must not leak into
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,9 +28,39 @@ __all__ = [
     "atomic_save_file",
     "atomic_write_json",
     "atomic_write_text",
+    "cache_root",
     "current_umask",
+    "folder_sha256",
+    "local_label",
     "replace_dir",
 ]
+
+
+def cache_root() -> Path:
+    """saft-hf's own cache: ``$SAFT_HF_CACHE``, else ``$XDG_CACHE_HOME/saft_hf``, else ``~/.cache/saft_hf``."""
+    root = os.environ.get("SAFT_HF_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "saft_hf")
+    return Path(root).expanduser()
+
+
+def local_label(path: str | os.PathLike) -> str:
+    """How published files name a local input: its folder name, never the path (which shows the machine)."""
+    return Path(path).resolve().name
+
+
+def folder_sha256(folder: str | os.PathLike, suffixes: tuple[str, ...] = (".safetensors", ".json", ".bin")) -> str:
+    """SHA-256 over each weight/config file's name and SHA-256 (the Hub's LFS id): a local input's identity."""
+    root = Path(folder)
+    outer = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
+        inner = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(f"{path.relative_to(root).as_posix()}\0{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()
 
 
 def _temp_beside(path: Path, suffix: str) -> Path:

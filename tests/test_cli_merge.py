@@ -77,8 +77,12 @@ def test_task_arithmetic_writes_base_plus_lambda_sum_exactly(tiny_clip_dir: Path
         assert torch.equal(merged[name], theta + (taus[0][name] + taus[1][name]) * 0.4), name
     config = json.loads((out / "merge_config.json").read_text())
     assert config["method"] == "task_arithmetic" and config["scaling"] == 0.4
-    assert [r["repo"] for r in config["repos"]] == [str(d) for d in vector_dirs]
-    assert config["base_model"]["id"] == str(tiny_clip_dir)
+    # local inputs are named by folder name and content hash, never by their path on this machine
+    assert [r["repo"] for r in config["repos"]] == [d.name for d in vector_dirs]
+    assert all(len(r["sha256"]) == 64 for r in config["repos"])
+    assert config["base_model"]["id"] == tiny_clip_dir.name and config["base_model"]["weights_file"] == "model.safetensors"
+    published = (out / "merge_config.json").read_text() + (out / "README.md").read_text()
+    assert str(tmp_path.parent) not in published and str(tiny_clip_dir) not in published
     assert sorted(os.listdir(out / "heads")) == sorted(TINY_TASKS) and (out / "preprocessor_config.json").is_file()
     assert ZeroShotHead.from_pretrained(out / "heads" / "TinyPatterns").classnames == TINY_TASKS["TinyPatterns"]
 
@@ -94,7 +98,7 @@ def test_ties_method_args_are_recorded_and_card_has_merge_metadata(vector_dirs: 
     assert config["method_args"] == {"density": 0.5, "scaling": 0.7}
     card = ModelCard.load(out / "README.md")
     assert {"saft", "model-merging", "merge"} <= set(card.data.tags)
-    assert card.data.merged_repos == [str(d) for d in vector_dirs]
+    assert card.data.merged_repos == [d.name for d in vector_dirs]
 
 
 def test_search_and_eval_pick_a_grid_lambda_and_write_the_report(
@@ -134,27 +138,39 @@ def test_normalized_selection_divides_by_recorded_validation_accuracy_never_test
         by_validation = sum(row["accuracies"][t] / FINETUNED_VALIDATION_ACCURACY[t] for t in TINY_TASKS) / 2
         assert math.isclose(row["score"], by_validation)
     assert json.loads((out / "merge_config.json").read_text())["search"]["selection"] == "normalized"
-    assert "note:" not in capsys.readouterr().out
+    assert "note: --select" not in capsys.readouterr().out
 
 
-def test_normalized_selection_falls_back_to_raw_validation_accuracy_and_says_so(
+def test_normalized_selection_measures_a_missing_fine_tuned_validation_accuracy_and_says_so(
     tiny_clip_dir: Path, tiny_task_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from transformers import AutoImageProcessor
+
+    from saft_hf.clip import CLIPImageClassifier, evaluate_accuracy
+    from saft_hf.tasks import load_task
+
     dirs = [_make_vector(tiny_clip_dir, task, seed, tmp_path / task, validation=(task == "TinyColors"))
             for seed, task in enumerate(TINY_TASKS, start=1)]  # fmt: skip
-    out = tmp_path / "fallback"
+    out = tmp_path / "measured"
     code = main(["--repos", _repos(dirs), "--method", "task_arithmetic", "--search", "--grid", "0.1,0.5",
                  "--select", "normalized", "--data-dir", str(tiny_task_data_dir), "--max-eval-samples", "8",
                  "--output", str(out), "--no-progress"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "note: --select normalized" in captured.out and "raw mean validation accuracy" in captured.out
+    assert "note: --select normalized: 1 task vector(s) record no fine-tuned validation accuracy" in captured.out
+    # what it must have measured: θ₀ + τ(TinyPatterns) on TinyPatterns' first 8 validation images
+    tower = TaskVector.from_pretrained(dirs[1]).apply_to(load_vision_tower(tiny_clip_dir))
+    data = load_task("TinyPatterns", tiny_task_data_dir, AutoImageProcessor.from_pretrained(tiny_clip_dir))
+    head = ZeroShotHead.from_pretrained(dirs[1])
+    validation = data["validation"].select(range(min(8, len(data["validation"]))))
+    measured = evaluate_accuracy(CLIPImageClassifier(tower, head), validation, batch_size=8)
+    assert f"TinyPatterns {measured:.4f}" in captured.out
     search = json.loads((out / "results.json").read_text())["search"]
-    assert search["normalized"] is False
+    assert search["normalized"] is True
+    reference = {"TinyColors": FINETUNED_VALIDATION_ACCURACY["TinyColors"], "TinyPatterns": measured}
     for row in search["table"]:
-        assert math.isclose(row["score"], sum(row["accuracies"].values()) / 2)
-    config = json.loads((out / "merge_config.json").read_text())["search"]
-    assert (config["selection"], config["selection_requested"]) == ("absolute", "normalized")
+        expected = sum(row["accuracies"][t] / reference[t] for t in TINY_TASKS) / 2
+        assert math.isclose(row["score"], expected)
 
 
 def test_base_is_inferred_from_the_vectors_and_must_agree(

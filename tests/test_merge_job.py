@@ -124,7 +124,7 @@ def test_cached_batches_preprocess_once_within_budget_and_stream_beyond() -> Non
     assert data.reads == 10
 
 
-def test_run_returns_outcome_and_normalized_search_without_recorded_accuracies_falls_back(
+def test_run_returns_outcome_and_normalized_search_without_recorded_accuracies_measures_them(
     vector_dirs: list[Path], tiny_task_data_dir: Path, tmp_path: Path  # noqa: F811
 ) -> None:
     outcome = run_merge_job(
@@ -141,6 +141,7 @@ def test_run_returns_outcome_and_normalized_search_without_recorded_accuracies_f
                    select="normalized", data_dir=tiny_task_data_dir, grid=[0.5, 1.0], max_eval_samples=4,
                    progress=False)  # fmt: skip
     outcome = run_merge_job(job)
-    assert outcome.search is not None and outcome.search.normalized is False
-    assert len(outcome.notes) == 1 and "records no fine-tuned validation accuracy" in outcome.notes[0]
+    assert outcome.search is not None and outcome.search.normalized is True
+    assert outcome.notes[0].startswith("base ") and outcome.notes[0].endswith(": model.safetensors")
+    assert len(outcome.notes) == 2 and "2 task vector(s) record no fine-tuned validation accuracy" in outcome.notes[1]
     assert outcome.results["notes"] == outcome.notes

@@ -81,7 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="one revision per repo, comma-separated, in the order of --repos (branch, tag or commit SHA; an empty "
         "entry, as in v1,,main, means that repo's default branch)",
     )  # fmt: skip
-    inputs.add_argument("--base", help="pre-trained CLIP (Hub id or folder); default: recorded in the task vectors")
+    inputs.add_argument(
+        "--tasks", type=comma_list,
+        help="the task of each repo, comma-separated, in the order of --repos (e.g. Cars,DTD); needed for repos that "
+        "record none, unless the repo is named like FusionBench's (…_stanford-cars, …_dtd)",
+    )  # fmt: skip
+    inputs.add_argument(
+        "--base",
+        help="pre-trained CLIP (Hub id or folder; read from model.safetensors, else the Hub's safetensors conversion "
+        "branch, else pytorch_model.bin through transformers' weights_only loader); default: recorded in the vectors",
+    )  # fmt: skip
     inputs.add_argument("--base-revision", help="revision of --base (default: recorded in the task vectors)")
     merging = parser.add_argument_group("merging")
     merging.add_argument("--method", default="ties", help="merge method (--list-methods shows them; default: ties)")
@@ -143,7 +152,7 @@ def _job(args: argparse.Namespace) -> MergeJob:
         raise MergeUsageError(str(err)) from None
     return MergeJob(
         repos=args.repos, output=args.output, base=args.base, base_revision=args.base_revision,
-        revisions=args.revisions, method=args.method, method_args=method_args, scaling=args.scaling,
+        revisions=args.revisions, tasks=args.tasks, method=args.method, method_args=method_args, scaling=args.scaling,
         search=args.search, grid=args.grid, select=args.select, evaluate=args.eval, data_dir=args.data_dir,
         max_eval_samples=args.max_eval_samples, batch_size=args.batch_size, device=args.device,
         overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,

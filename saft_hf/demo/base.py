@@ -24,7 +24,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from ..io_utils import atomic_output_dir
+from ..io_utils import atomic_output_dir, cache_root
 from .attributes import DETAILS, IGNORE, build_attribute_pretext
 from .pretext import build_pretext
 from .spec import BASE_FORMAT_VERSION, BaseSpec
@@ -35,11 +35,7 @@ logger = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     """`$SAFT_HF_CACHE/demo`, else `$XDG_CACHE_HOME/saft_hf/demo`, else `~/.cache/saft_hf/demo`."""
-    root = os.environ.get("SAFT_HF_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "saft_hf")
-    return Path(root).expanduser() / "demo"
+    return cache_root() / "demo"
 
 
 def image_processor(image_size: int) -> CLIPImageProcessorPil:

@@ -78,6 +78,15 @@ class TaskEvaluator:
         self.device = device
         self.progress = progress
 
+    def task_accuracy(self, model: nn.Module, task: str) -> float:
+        """Accuracy on one task only (e.g. a fine-tuned model on its own task)."""
+        was_training = model.training
+        model.eval()
+        try:
+            return accuracy(model, self.heads[task], self.data[task], self.device, f"eval {task}", self.progress)
+        finally:
+            model.train(was_training)
+
     def __call__(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training
         model.eval()

@@ -10,21 +10,27 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..hub import download_repo
+from ..base_model import BaseCheckpoint, load_base_clip, load_base_vision_tower, resolve_base
 from ..task_vectors import TaskVector, check_compatible, load_task_vector, load_task_vectors
-from .job import MergeJob, MergeJobError
+from ..tasks import TASKS
+from .job import MergeJob, MergeJobError, MergeUsageError
 
 
 @dataclass
 class BaseModel:
-    """The pre-trained vision tower, a CPU copy of its weights θ₀, and where it came from."""
+    """The pre-trained vision tower, a CPU copy of its weights θ₀, and the checkpoint it was read from."""
 
     model: nn.Module
     state: dict[str, Tensor]
-    id: str
-    revision: str | None
-    resolved_revision: str | None
-    directory: Path
+    checkpoint: BaseCheckpoint
+
+    @property
+    def id(self) -> str:
+        return self.checkpoint.id
+
+    @property
+    def directory(self) -> Path:
+        return self.checkpoint.directory
 
 
 def infer_base(vectors: Sequence[TaskVector]) -> tuple[str, str | None]:
@@ -57,17 +63,11 @@ def load_vectors(job: MergeJob) -> tuple[list[TaskVector], str, str | None]:
 
 
 def load_base(base: str, revision: str | None, token: str | None, device: str) -> BaseModel:
-    """The base CLIP vision tower, from safetensors only (Hub: only *.safetensors/*.json are fetched)."""
-    from ..clip import load_vision_tower
-
-    if Path(base).is_dir():
-        directory, resolved = Path(base), None
-    else:
-        directory, label = download_repo(base, revision=revision, token=token)
-        resolved = label.rsplit("@", 1)[-1]
-    model = load_vision_tower(directory, use_safetensors=True).to(device).eval()
+    """The base CLIP vision tower, read as transformers reads it (:func:`saft_hf.base_model.resolve_base`)."""
+    checkpoint = resolve_base(base, revision=revision, token=token)
+    model = load_base_vision_tower(checkpoint).to(device).eval()
     state = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
-    return BaseModel(model, state, base, revision, resolved, directory)
+    return BaseModel(model, state, checkpoint)
 
 
 def load_all(job: MergeJob) -> tuple[list[TaskVector], BaseModel]:
@@ -76,11 +76,48 @@ def load_all(job: MergeJob) -> tuple[list[TaskVector], BaseModel]:
     base = load_base(base_id, revision, job.token, job.device)
     if vectors:
         vectors = [vector.to_base_layout(base.state) for vector in vectors]  # e.g. a LoRA made on CLIPVisionModel
-        check_compatible(vectors, base.state, base_id=base_id)
+        check_compatible(vectors, base.state, base_id=base.id)
     else:
         revisions = [r or None for r in job.revisions] if job.revisions else None
-        vectors = load_task_vectors(job.repos, base=base.state, base_id=base_id, revisions=revisions, token=job.token)
+        vectors = load_task_vectors(job.repos, base=base.state, base_id=base.id, revisions=revisions, token=job.token)
+    assign_tasks(vectors, job.repos, job.tasks)
     return vectors, base
+
+
+def _normalised(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def task_from_repo_name(repo: str) -> str | None:
+    """The task a FusionBench-style repo names (``…/clip-vit-base-patch32_stanford-cars`` → ``Cars``), or None.
+
+    The part after the last ``_`` is compared with each task's name and Hub dataset name, ignoring case,
+    ``-``, ``_`` and spaces.
+    """
+    suffix = _normalised(Path(str(repo).rstrip("/")).name.rsplit("_", 1)[-1])
+    for name, spec in TASKS.items():
+        if suffix in {_normalised(name), _normalised(spec.dataset_id.split("/")[-1])}:
+            return name
+    return None
+
+
+def assign_tasks(vectors: Sequence[TaskVector], repos: Sequence[str], tasks: Sequence[str] | None) -> None:
+    """Give each vector its task: ``--tasks``, else the one it records, else the one its repo name says."""
+    for index, (vector, repo) in enumerate(zip(vectors, repos)):
+        recorded = vector.config.get("task")
+        given = tasks[index] if tasks else None
+        if given and recorded and _normalised(str(recorded)) != _normalised(given):
+            raise MergeUsageError(
+                f"--tasks names {given!r} for {repo!r}, but that task vector records task {recorded!r}; fix --tasks "
+                "(one task per repo, in the order of --repos)."
+            )
+        task = given or recorded or task_from_repo_name(repo)
+        if not task:
+            raise MergeUsageError(
+                f"{repo!r} records no task and its name does not name one (FusionBench style, e.g. "
+                f"…_stanford-cars); pass --tasks T1,T2,… with one of {', '.join(TASKS)} per repo, in the order of --repos."
+            )
+        vector.config["task"] = TASKS[task].name if task in TASKS else task
 
 
 def task_names(vectors: Sequence[TaskVector]) -> list[str]:
@@ -109,11 +146,15 @@ def recorded_validation_accuracy(vector: TaskVector) -> float | None:
     return None
 
 
-def load_heads(vectors: Sequence[TaskVector], data_dir: str | os.PathLike | None) -> dict[str, Any]:
-    """One ``ZeroShotHead`` per task, from each vector's ``head.safetensors``, checked against the task."""
+def load_heads(
+    vectors: Sequence[TaskVector], data_dir: str | os.PathLike | None, base: BaseModel | None = None
+) -> dict[str, Any]:
+    """One ``ZeroShotHead`` per task: each vector's ``head.safetensors``, checked against the task; for a vector
+    without one (e.g. a FusionBench tower), the zero-shot head built from ``base``'s text tower."""
     from ..clip import load_task_vector_head
 
     heads = {}
+    built: dict[str, Any] = {}
     for vector in vectors:
         task = vector.config.get("task")
         if not task:
@@ -123,8 +164,25 @@ def load_heads(vectors: Sequence[TaskVector], data_dir: str | os.PathLike | None
             )
         if task in heads:
             raise MergeJobError(f"two task vectors are for task {task!r}; evaluation needs one vector per task.")
-        heads[str(task)] = load_task_vector_head(vector, str(task), data_dir)
+        if vector.head_dir is None and base is not None:
+            heads[str(task)] = base_zero_shot_head(base, str(task), data_dir, built)
+        else:
+            heads[str(task)] = load_task_vector_head(vector, str(task), data_dir)
     return heads
+
+
+def base_zero_shot_head(base: BaseModel, task: str, data_dir: str | os.PathLike | None, cache: dict[str, Any]) -> Any:
+    """The head ``train_saft.py`` builds for ``task``: the base CLIP's text tower on the task's prompts."""
+    from transformers import AutoTokenizer
+
+    from ..clip import build_zero_shot_head
+    from ..tasks import resolve_task
+
+    if "clip" not in cache:  # the text tower is loaded once per job
+        cache["clip"] = load_base_clip(base.checkpoint).eval()
+        cache["tokenizer"] = AutoTokenizer.from_pretrained(base.directory)
+    spec = resolve_task(task, data_dir)
+    return build_zero_shot_head(cache["clip"], cache["tokenizer"], spec.classnames, spec.templates, task=spec.name).eval()
 
 
 def load_split(

@@ -43,6 +43,7 @@ class MergeJob:
     base: str | None = None
     base_revision: str | None = None
     revisions: list[str | None] | None = None
+    tasks: list[str] | None = None
     method: str = "ties"
     method_args: dict[str, Any] = field(default_factory=dict)
     scaling: float | None = None
@@ -114,6 +115,18 @@ class MergeJob:
             if key in seen:
                 raise MergeUsageError(f"repo {repo!r} is given twice in --repos; list each task vector once.")
             seen.add(key)
+        if self.tasks is not None:
+            from ..tasks import resolve_task
+
+            if len(self.tasks) != len(repos):
+                raise MergeUsageError(
+                    f"got {len(repos)} repos but {len(self.tasks)} tasks; give one task per repo, in the order of --repos."
+                )
+            for task in self.tasks:
+                try:
+                    resolve_task(task, self.data_dir)
+                except (KeyError, FileNotFoundError) as err:
+                    raise MergeUsageError(f"--tasks: {err.args[0] if err.args else err}") from None
         if self.revisions is not None and len(self.revisions) != len(repos):
             raise MergeUsageError(
                 f"got {len(repos)} repos but {len(self.revisions)} revisions; give one revision per repo "

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..io_utils import atomic_output_dir
+from ..io_utils import atomic_output_dir, folder_sha256, local_label
 from ..merging import AdaMergingResult, MergeReport, SearchResult, get_method, merge, search_coefficients
 from ..task_vectors import TaskVector, add_scaled_
 from .adaptation import run_adamerging, write_adamerging_outputs
@@ -52,28 +52,35 @@ def _individual(vectors: list[TaskVector], tasks: list[str]) -> dict[str, float]
     return known
 
 
-def _selection_reference(vectors: list[TaskVector], tasks: list[str]) -> tuple[dict[str, float] | None, str | None]:
-    """``--select normalized``: each vector's recorded *validation* accuracy, or None (and why) to fall back.
+def _selection_reference(
+    vectors: list[TaskVector], tasks: list[str], base: BaseModel, evaluate: TaskEvaluator
+) -> tuple[dict[str, float], str | None]:
+    """``--select normalized``: each fine-tuned model's *validation* accuracy, recorded or measured here.
 
-    Test accuracies are never used here, so the λ choice sees validation data only.
+    A vector that records none (e.g. a FusionBench tower) is applied alone at λ = 1 and evaluated on its own
+    task's validation split: one extra validation pass per such task. Test data is never used here.
     """
-    reference = {}
+    reference, measured = {}, []
     for vector, task in zip(vectors, tasks):
         value = recorded_validation_accuracy(vector)
         if value is None:
-            return None, (
-                f"--select normalized: {vector.source} (task {task!r}) records no fine-tuned validation accuracy "
-                "(metrics.validation_accuracy), so λ was chosen by raw mean validation accuracy instead "
-                "(as --select absolute); re-create the task vector with examples/train_saft.py to record it."
-            )
+            add_scaled_(base.model, base.state, vector, 1.0)
+            value = evaluate.task_accuracy(base.model, task)
+            measured.append(f"{task} {value:.4f}")
         reference[task] = value
-    return reference, None
+    add_scaled_(base.model, base.state, [], [])  # back to θ₀
+    if not measured:
+        return reference, None
+    return reference, (
+        f"--select normalized: {len(measured)} task vector(s) record no fine-tuned validation accuracy, so it was "
+        f"measured (θ₀ + τ on its own validation split; one validation pass each): {', '.join(measured)}"
+    )
 
 
 def _evaluator(job: MergeJob, vectors: list[TaskVector], base: BaseModel, split: str) -> TaskEvaluator:
     from transformers import AutoImageProcessor
 
-    heads = load_heads(vectors, job.data_dir)
+    heads = load_heads(vectors, job.data_dir, base)
     processor = AutoImageProcessor.from_pretrained(base.directory)
     data = {
         task: CachedBatches(load_split(task, split, job.data_dir, processor, job.max_eval_samples), job.batch_size)
@@ -83,9 +90,29 @@ def _evaluator(job: MergeJob, vectors: list[TaskVector], base: BaseModel, split:
 
 
 def _repo_record(repo: str, revision: str | None, vector: TaskVector) -> dict[str, Any]:
-    local = Path(repo).is_dir()
-    resolved = None if local else vector.source.rsplit("@", 1)[-1]
-    return {"repo": repo, "revision": revision, "resolved_revision": resolved, "local": local}
+    """How ``merge_config.json`` and the card name an input: its Hub id, or for a local folder its name and a
+    content fingerprint (never the path, which would publish this machine's layout)."""
+    if Path(repo).is_dir():
+        return {"repo": local_label(repo), "revision": None, "resolved_revision": None, "local": True,
+                "sha256": folder_sha256(repo)}  # fmt: skip
+    return {"repo": repo, "revision": revision, "resolved_revision": vector.source.rsplit("@", 1)[-1], "local": False}
+
+
+def _base_record(base: BaseModel) -> dict[str, Any]:
+    record = base.checkpoint.record()
+    if base.checkpoint.local and Path(record["id"]).is_dir():
+        record.update(id=local_label(record["id"]), sha256=folder_sha256(base.directory))
+    return record
+
+
+def _untouched_note(vectors: list[TaskVector], base: BaseModel) -> str | None:
+    """Which base parameters no vector changes (a FusionBench tower has no visual_projection): they stay θ₀."""
+    covered = set().union(*(set(v.names) for v in vectors))
+    missing = sorted(name for name in base.state if name not in covered)
+    if not missing:
+        return None
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return f"{len(missing)} base parameter(s) are in no task vector and keep the base's values: {shown}"
 
 
 def run_merge_job(job: MergeJob) -> MergeOutcome:
@@ -95,7 +122,8 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
     vectors, base = load_all(job)
     tasks = task_names(vectors)
     individual = _individual(vectors, tasks)
-    notes: list[str] = []
+    notes: list[str] = [base.checkpoint.describe()]
+    notes += [note for note in [_untouched_note(vectors, base)] if note]
 
     search: SearchResult | None = None
     adaptation: AdaMergingResult | None = None
@@ -104,10 +132,10 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         method_args = adaptation.method_args
     elif job.search:
         normalize_by = None
-        if job.select == "normalized":
-            normalize_by, note = _selection_reference(vectors, tasks)
-            notes += [note] if note else []
         evaluate = _evaluator(job, vectors, base, "validation")
+        if job.select == "normalized":
+            normalize_by, note = _selection_reference(vectors, tasks, base, evaluate)
+            notes += [note] if note else []
         search = search_coefficients(
             base.model, base.state, vectors, job.method, evaluate, grid=job.grid_values(),
             method_args=job.method_args, normalize_by=normalize_by, progress=job.progress,
@@ -132,10 +160,7 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         "scaling": method_args.get("scaling"),
         "repos": [_repo_record(r, rev, v) for r, rev, v in zip(job.repos, revisions, vectors)],
         "tasks": tasks,
-        "base_model": {
-            "id": base.id, "revision": base.revision, "resolved_revision": base.resolved_revision,
-            "local": base.resolved_revision is None,
-        },  # fmt: skip
+        "base_model": _base_record(base),
         "search": None
         if search is None
         else {
