@@ -25,6 +25,7 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
+    IncompleteSnapshotError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -143,7 +144,7 @@ def conversion_branch(api: HfApi, repo_id: str) -> str | None:
     found = [
         d.git_reference
         for d in api.get_repo_discussions(repo_id, author=CONVERSION_BOT, discussion_type="pull_request")
-        if d.title == CONVERSION_TITLE and d.status in ("open", "merged") and d.git_reference
+        if d.author == CONVERSION_BOT and d.title == CONVERSION_TITLE and d.status in ("open", "merged") and d.git_reference
     ]
     return max(found, key=lambda ref: int(_PR_REF.search(ref).group(1)), default=None)
 
@@ -164,54 +165,67 @@ def _combined(repo_id: str, main_dir: Path, weights_dir: Path, weights_file: str
 
 def _from_hub(repo_id: str, revision: str | None, token: str | None, cache_dir: str | None) -> BaseCheckpoint:
     api = HfApi(token=token)
-    info = api.model_info(repo_id, revision=revision)
-    files = {s.rfilename for s in info.siblings or []}
+    asked = revision or "main"  # downloads go by name, so the cache keeps the ref for offline use
+    files = {s.rfilename for s in api.model_info(repo_id, revision=asked).siblings or []}
     kwargs = {"cache_dir": cache_dir}
     safetensors = next((f for f in SAFETENSORS_FILES if f in files), None)
     if safetensors:
-        directory = _snapshot(repo_id, info.sha, META_PATTERNS + SAFETENSORS_PATTERNS, token, **kwargs)
-        return BaseCheckpoint(repo_id, directory, SAFETENSORS, safetensors, revision, info.sha)
-    branch = conversion_branch(api, repo_id) if revision in (None, "main") else None
+        directory = _snapshot(repo_id, asked, META_PATTERNS + SAFETENSORS_PATTERNS, token, **kwargs)
+        return BaseCheckpoint(repo_id, directory, SAFETENSORS, safetensors, revision, directory.name)
+    branch = conversion_branch(api, repo_id) if asked == "main" else None
     if branch is not None:
         weights_dir = _snapshot(repo_id, branch, SAFETENSORS_PATTERNS, token, **kwargs)
         weights_file = _present(weights_dir, SAFETENSORS_FILES)
         if weights_file:
-            main_dir = _snapshot(repo_id, info.sha, META_PATTERNS, token, **kwargs)
+            main_dir = _snapshot(repo_id, asked, META_PATTERNS, token, **kwargs)
             directory = _combined(repo_id, main_dir, weights_dir, weights_file)
             return BaseCheckpoint(
-                repo_id, directory, CONVERSION_BRANCH, weights_file, revision, info.sha, branch, weights_dir.name
+                repo_id, directory, CONVERSION_BRANCH, weights_file, revision, main_dir.name, branch, weights_dir.name
             )
     pickled = next((f for f in BIN_FILES if f in files), None)
     if pickled:
-        directory = _snapshot(repo_id, info.sha, META_PATTERNS + BIN_PATTERNS, token, **kwargs)
-        return BaseCheckpoint(repo_id, directory, PICKLED, pickled, revision, info.sha)
+        directory = _snapshot(repo_id, asked, META_PATTERNS + BIN_PATTERNS, token, **kwargs)
+        return BaseCheckpoint(repo_id, directory, PICKLED, pickled, revision, directory.name)
     raise BaseModelError(
         f"base {repo_id!r} has no model.safetensors, no safetensors conversion branch by {CONVERSION_BOT} and no "
         "pytorch_model.bin (TensorFlow/Flax weights are not read); pick a PyTorch checkpoint."
     )
 
 
-def _from_cache(repo_id: str, revision: str | None, token: str | None, cache_dir: str | None) -> BaseCheckpoint:
+def _cached(repo_id: str, revision: str, patterns: list[str], names: tuple[str, ...], cache_dir: str | None) -> tuple[Path, str] | None:
+    """(snapshot folder, weights file) if the cache holds ``revision`` with one of ``names``, else None."""
+    try:
+        folder = _snapshot(repo_id, revision, patterns, None, cache_dir=cache_dir, local_files_only=True)
+    except (LocalEntryNotFoundError, IncompleteSnapshotError):
+        return None
+    found = _present(folder, names)
+    return (folder, found) if found else None
+
+
+def _from_cache(repo_id: str, revision: str | None, cache_dir: str | None) -> BaseCheckpoint:
     """Offline: the same order over what the Hub cache holds (conversion branches found by their cached refs)."""
-    kwargs = {"cache_dir": cache_dir, "local_files_only": True}
-    main_dir = _snapshot(repo_id, revision or "main", META_PATTERNS + SAFETENSORS_PATTERNS + BIN_PATTERNS, token, **kwargs)
-    sha = main_dir.name
-    found = _present(main_dir, SAFETENSORS_FILES)
-    if found:
-        return BaseCheckpoint(repo_id, main_dir, SAFETENSORS, found, revision, sha)
-    refs = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "pr"
+    asked = revision or "main"
+    hit = _cached(repo_id, asked, META_PATTERNS + SAFETENSORS_PATTERNS, SAFETENSORS_FILES, cache_dir)
+    if hit:
+        return BaseCheckpoint(repo_id, hit[0], SAFETENSORS, hit[1], revision, hit[0].name)
+    refs = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "refs" / "pr"
     numbers = sorted((int(p.name) for p in refs.glob("*") if p.name.isdigit()), reverse=True) if refs.is_dir() else []
-    for number in numbers if revision in (None, "main") else []:
+    for number in numbers if asked == "main" else []:
         branch = f"refs/pr/{number}"
-        weights_dir = _snapshot(repo_id, branch, SAFETENSORS_PATTERNS, token, **kwargs)
-        weights_file = _present(weights_dir, SAFETENSORS_FILES)
-        if weights_file:
-            directory = _combined(repo_id, main_dir, weights_dir, weights_file)
-            return BaseCheckpoint(repo_id, directory, CONVERSION_BRANCH, weights_file, revision, sha, branch, weights_dir.name)
-    found = _present(main_dir, BIN_FILES)
-    if found:
-        return BaseCheckpoint(repo_id, main_dir, PICKLED, found, revision, sha)
-    raise BaseModelError(f"base {repo_id!r} has no usable weights in the local cache; connect once or unset HF_HUB_OFFLINE.")
+        weights = _cached(repo_id, branch, SAFETENSORS_PATTERNS, SAFETENSORS_FILES, cache_dir)
+        meta = _cached(repo_id, asked, META_PATTERNS, ("config.json",), cache_dir)
+        if weights and meta:
+            directory = _combined(repo_id, meta[0], weights[0], weights[1])
+            return BaseCheckpoint(
+                repo_id, directory, CONVERSION_BRANCH, weights[1], revision, meta[0].name, branch, weights[0].name
+            )
+    hit = _cached(repo_id, asked, META_PATTERNS + BIN_PATTERNS, BIN_FILES, cache_dir)
+    if hit:
+        return BaseCheckpoint(repo_id, hit[0], PICKLED, hit[1], revision, hit[0].name)
+    raise BaseModelError(
+        f"base {repo_id!r}" + (f" at revision {revision!r}" if revision else "") + " has no usable weights in the "
+        "local cache and the Hub cannot be reached (offline?); connect once or unset HF_HUB_OFFLINE."
+    )
 
 
 def resolve_base(
@@ -237,7 +251,7 @@ def resolve_base(
     cache = str(cache_dir) if cache_dir is not None else None
     try:
         if constants.HF_HUB_OFFLINE:
-            return _from_cache(str(base), revision, token, cache)
+            return _from_cache(str(base), revision, cache)
         return _from_hub(str(base), revision, token, cache)
     except (HFValidationError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise _hub_errors(str(base), revision, err) from err

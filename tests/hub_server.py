@@ -40,6 +40,7 @@ class Repo:
     private: bool
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
+    discussions: list[dict[str, Any]] = field(default_factory=list)  # pull requests, as the Hub lists them
 
     def resolve(self, revision: str) -> Commit | None:
         """A branch name or a full commit SHA → that commit."""
@@ -115,12 +116,51 @@ class LoopbackHub:
             self.repos[(repo_type, repo_id)] = repo
             return True, repo
 
-    def _add_commit(self, repo: Repo, parent: Commit | None, message: str, files: dict[str, str]) -> Commit:
+    def _add_commit(
+        self, repo: Repo, parent: Commit | None, message: str, files: dict[str, str], branch: str | None = None
+    ) -> Commit:
         digest = hashlib.sha1(json.dumps([parent.sha if parent else None, message, sorted(files.items()), time.time_ns()]).encode())
         commit = Commit(digest.hexdigest(), parent.sha if parent else None, message, files)
         repo.commits[commit.sha] = commit
-        repo.branches["main" if parent is None else _branch_of(repo, parent)] = commit.sha
+        repo.branches[branch or ("main" if parent is None else _branch_of(repo, parent))] = commit.sha
         return commit
+
+    # -- fixture side: lay out a repo as a real one is, without going through the client ---------
+    def put_files(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        repo_type: str = "model",
+        branch: str = "main",
+        message: str = "Upload folder using huggingface_hub",
+        pull_request_author: str | None = None,
+        title: str | None = None,
+    ) -> Commit:
+        """Commit ``files`` on ``branch`` (created from main when new); a ``refs/pr/N`` branch gets its PR listed."""
+        self.create_repo(repo_type, repo_id, private=False)
+        repo = self.repos[(repo_type, repo_id)]
+        with self.lock:
+            parent = repo.commits[repo.branches.get(branch, repo.branches["main"])]
+            merged = {**parent.files, **{path: self._put_blob(content) for path, content in files.items()}}
+            commit = self._add_commit(repo, parent, message, merged, branch=branch)
+            match = re.fullmatch(r"refs/pr/(\d+)", branch)
+            if match and pull_request_author is not None:
+                repo.discussions.append({
+                    "num": int(match.group(1)), "title": title or message, "status": "open", "isPullRequest": True,
+                    "author": {"name": pull_request_author}, "createdAt": "2023-04-12T00:00:00.000Z",
+                    "repo": {"name": repo_id, "type": repo_type},
+                })  # fmt: skip
+            return commit
+
+    def downloads(self, repo_id: str) -> list[str]:
+        """Files fetched from ``repo_id`` through ``resolve`` (GET, not HEAD), as ``revision/path``."""
+        found = []
+        for method, path in self.requests:
+            match = _RESOLVE.match(path)
+            if method == "GET" and match and unquote(match.group("repo")) == repo_id:
+                found.append(f"{unquote(match.group('rev'))}/{unquote(match.group('path'))}")
+        return found
 
     def commit(self, repo: Repo, revision: str, lines: list[dict[str, Any]]) -> Commit:
         revision = unquote(revision)
@@ -255,6 +295,15 @@ def _make_handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 commit = hub.commit(repo, tail, lines)
                 url = f"{hub.url}/{repo.repo_id}/commit/{commit.sha}"
                 return self._send(200, {"success": True, "commitUrl": url, "commitOid": commit.sha, "pullRequestUrl": None})
+            if self.command == "GET" and action == "discussions":
+                wanted = {key: query[key][0] for key in ("author", "type", "status") if key in query}
+                found = [
+                    d for d in repo.discussions
+                    if wanted.get("author") in (None, d["author"]["name"])
+                    and wanted.get("type") in (None, "all", "pull_request" if d["isPullRequest"] else "discussion")
+                    and wanted.get("status") in (None, "all", d["status"])
+                ]  # fmt: skip
+                return self._send(200, {"discussions": found, "count": len(found), "start": 0, "numClosedDiscussions": 0})
             if self.command == "GET" and action in ("", "revision"):
                 commit = hub.commit_of(repo, tail or "main")
                 return self._send(200, self._info(repo, commit))

@@ -69,11 +69,13 @@ def load_unlabeled(task: str, split: str, data_dir: str | os.PathLike | None, pr
     return UnlabeledImages(dataset, resolve_task(task, data_dir).image_column, processor)
 
 
-def run_adamerging(job: MergeJob, vectors: list[TaskVector], base: BaseModel) -> AdaMergingResult:
+def run_adamerging(
+    job: MergeJob, vectors: list[TaskVector], base: BaseModel, heads: dict[str, Any] | None = None
+) -> AdaMergingResult:
     """Learn AdaMerging's λ for the job; ``base.model`` is left at the merged weights."""
     from transformers import AutoImageProcessor
 
-    heads = load_heads(vectors, job.data_dir)
+    heads = heads if heads is not None else load_heads(vectors, job.data_dir, base)
     processor = AutoImageProcessor.from_pretrained(base.directory)
     inputs = {task: load_unlabeled(task, job.adapt_split_or_default, job.data_dir, processor) for task in heads}
     return adamerging_coefficients(

@@ -68,13 +68,18 @@ Each task's zero-shot head is in `heads/<task>/` (`head.safetensors`, `head_conf
 """
 
 
-def copy_heads(vectors: Sequence[TaskVector], tasks: Sequence[str], directory: Path) -> list[str]:
-    """Copy each vector's head files into ``heads/<task>/``; returns the tasks that had one."""
+def copy_heads(
+    vectors: Sequence[TaskVector], tasks: Sequence[str], directory: Path, built: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Each vector's head files (or the head built for it from the base) into ``heads/<task>/``; returns the tasks."""
     written = []
     for vector, task in zip(vectors, tasks):
-        if vector.head_dir is None:
-            continue
         target = directory / "heads" / safe_name(task, what="task name", source=vector.source)
+        if vector.head_dir is None:
+            if task in (built or {}):
+                built[task].save_pretrained(target)
+                written.append(task)
+            continue
         target.mkdir(parents=True, exist_ok=True)
         for filename in HEAD_FILES:
             if (vector.head_dir / filename).is_file():

@@ -77,10 +77,9 @@ def _selection_reference(
     )
 
 
-def _evaluator(job: MergeJob, vectors: list[TaskVector], base: BaseModel, split: str) -> TaskEvaluator:
+def _evaluator(job: MergeJob, heads: dict[str, Any], base: BaseModel, split: str) -> TaskEvaluator:
     from transformers import AutoImageProcessor
 
-    heads = load_heads(vectors, job.data_dir, base)
     processor = AutoImageProcessor.from_pretrained(base.directory)
     data = {
         task: CachedBatches(load_split(task, split, job.data_dir, processor, job.max_eval_samples), job.batch_size)
@@ -124,15 +123,16 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
     individual = _individual(vectors, tasks)
     notes: list[str] = [base.checkpoint.describe()]
     notes += [note for note in [_untouched_note(vectors, base)] if note]
+    heads = load_heads(vectors, job.data_dir, base) if job.needs_data else {}  # built once for every stage
 
     search: SearchResult | None = None
     adaptation: AdaMergingResult | None = None
     if job.learns_coefficients:
-        adaptation = run_adamerging(job, vectors, base)
+        adaptation = run_adamerging(job, vectors, base, heads)
         method_args = adaptation.method_args
     elif job.search:
         normalize_by = None
-        evaluate = _evaluator(job, vectors, base, "validation")
+        evaluate = _evaluator(job, heads, base, "validation")
         if job.select == "normalized":
             normalize_by, note = _selection_reference(vectors, tasks, base, evaluate)
             notes += [note] if note else []
@@ -148,7 +148,7 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
 
     report: MergeReport | None = None
     if job.evaluate:
-        accuracies = _evaluator(job, vectors, base, "test")(base.model)
+        accuracies = _evaluator(job, heads, base, "test")(base.model)
         report = MergeReport.from_accuracies(accuracies, individual, job.method, method_args)
 
     revisions = job.revisions or [None] * len(vectors)
@@ -188,7 +188,7 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         base.model.save_pretrained(tmp)
         if (base.directory / PROCESSOR_NAME).is_file():  # so the folder loads with AutoImageProcessor too
             shutil.copyfile(base.directory / PROCESSOR_NAME, tmp / PROCESSOR_NAME)
-        copy_heads(vectors, tasks, tmp)
+        copy_heads(vectors, tasks, tmp, heads)
         if adaptation is not None:
             write_adamerging_outputs(adaptation, tmp)
         write_metadata(tmp, merge_config, results, report.format_table() if report is not None else None)
