@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from accelerate import PartialState
 from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, TrainerCallback
-from transformers.utils.hub import cached_file, extract_commit_hash
 
 from saft_hf import sam
+from saft_hf.base_model import BaseCheckpoint, load_base_clip, load_base_vision_tower, resolve_base
 from saft_hf.cli.options import unwritable_output
 from saft_hf.clip import (
     HEAD_WEIGHTS_NAME,
@@ -39,8 +39,6 @@ from saft_hf.clip import (
     build_zero_shot_head,
     collate_image_batch,
     evaluate_accuracy,
-    load_clip_model,
-    load_vision_tower,
 )
 from saft_hf.io_utils import apply_umask_modes, replace_dir
 from saft_hf.metrics import load_accuracy
@@ -340,29 +338,20 @@ def warn_if_fewer_processes(training_args: SAMTrainingArguments) -> bool:
     return True
 
 
-def base_revision(model_name_or_path: str, cache_dir: str | None) -> str | None:
-    """Commit SHA of a Hub base model (from its cached snapshot), recorded so merges load that exact base."""
-    if Path(model_name_or_path).is_dir():
-        return None
-    return extract_commit_hash(cached_file(model_name_or_path, "config.json", cache_dir=cache_dir), None)
-
-
 def _write_json(data: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 
 
-def load_or_build_head(spec: TaskSpec, script_args: ScriptArguments, head_dir: Path) -> ZeroShotHead:
+def load_or_build_head(spec: TaskSpec, base: BaseCheckpoint, head_dir: Path) -> ZeroShotHead:
     """Reuse ``head_dir``'s head if it exists (checking its class count), else encode the prompts and save it."""
     if (head_dir / HEAD_WEIGHTS_NAME).is_file():
         head = ZeroShotHead.from_pretrained(head_dir)
         head.check_classnames(spec.classnames, what=f"task {spec.name!r}")
         return head
-    model_id = script_args.model_name_or_path
-    clip = load_clip_model(model_id, cache_dir=script_args.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_id, cache_dir=script_args.cache_dir)
-    head = build_zero_shot_head(clip, tokenizer, spec.classnames, spec.templates, task=spec.name)
+    tokenizer = AutoTokenizer.from_pretrained(base.directory)
+    head = build_zero_shot_head(load_base_clip(base), tokenizer, spec.classnames, spec.templates, task=spec.name)
     head.save_pretrained(head_dir)
     return head
 
@@ -383,12 +372,14 @@ def train_task(
     output_dir = Path(training_args.output_dir)
     spec = resolve_task(task, script_args.data_dir)
     head_dir = Path(script_args.head_dir) / spec.name if script_args.head_dir else output_dir
-    processor = AutoImageProcessor.from_pretrained(script_args.model_name_or_path, cache_dir=script_args.cache_dir)
-    with training_args.main_process_first(desc=f"{spec.name}: zero-shot head and data"):
+    with training_args.main_process_first(desc=f"{spec.name}: base model, zero-shot head and data"):
+        # the base as transformers reads it: safetensors, else its conversion branch, else its weights_only loader
+        base = resolve_base(script_args.model_name_or_path, cache_dir=script_args.cache_dir)
+        processor = AutoImageProcessor.from_pretrained(base.directory)
         # data first: a task whose data fails to load leaves no head file behind in the output folder
         data = load_task(spec, script_args.data_dir, processor, cache_dir=script_args.cache_dir)
-        head = load_or_build_head(spec, script_args, head_dir)
-    vision = load_vision_tower(script_args.model_name_or_path, cache_dir=script_args.cache_dir)
+        head = load_or_build_head(spec, base, head_dir)
+    vision = load_base_vision_tower(base)
     lora = lora_settings(script_args)
     pretrained = {name: tensor.detach().clone() for name, tensor in vision.state_dict().items()} if lora is None else {}
     if lora is not None:
@@ -451,7 +442,8 @@ def train_task(
             task=spec.name,
             dataset=spec.dataset_id,
             base_model=script_args.model_name_or_path,
-            base_model_revision=base_revision(script_args.model_name_or_path, script_args.cache_dir),
+            base_model_revision=base.resolved_revision,
+            base_weights={k: v for k, v in base.record().items() if k.startswith("weights")},
             method=results["method"],
             hyperparameters=hyperparameters,
             metrics={"accuracy": accuracy, "validation_accuracy": validation_accuracy},

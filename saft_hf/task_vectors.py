@@ -513,9 +513,14 @@ def _base_state(
 def load_base_state(
     repo_or_dir: str | os.PathLike, *, revision: str | None = None, token: str | None = None
 ) -> Mapping[str, Tensor]:
-    """A base model's weights as a lazy ``Mapping[str, Tensor]`` (memory-mapped safetensors)."""
-    directory, source = resolve_repo(repo_or_dir, revision=revision, token=token)
-    store = open_checkpoint(directory, source)
+    """A base model's weights as a ``Mapping[str, Tensor]``: memory-mapped safetensors, else read as transformers
+    reads a base (:func:`saft_hf.base_model.resolve_base`: conversion branch, then its ``weights_only`` loader)."""
+    from .base_model import base_state_dict, resolve_base
+
+    checkpoint = resolve_base(repo_or_dir, revision=revision, token=token)
+    if not checkpoint.safetensors:
+        return base_state_dict(checkpoint)
+    store = open_checkpoint(checkpoint.directory, checkpoint.id)
     return TaskVector(config={"base_model": str(repo_or_dir)}, check_finite=False, _store=store)
 
 

@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from saft_hf.base_model import resolve_base
 from saft_hf.clip import ZeroShotHead, build_zero_shot_head, load_vision_tower
 from saft_hf.pipeline.inputs import recorded_accuracy, recorded_validation_accuracy
 from saft_hf.task_vectors import TaskVector
@@ -167,10 +168,9 @@ def test_reusing_a_head_with_the_wrong_class_count_is_an_error(tmp_path, tiny_cl
     script = _load_script()
     patterns = resolve_task("TinyPatterns", tiny_task_data_dir)
     build_zero_shot_head(str(tiny_clip_dir), None, patterns.classnames, patterns.templates).save_pretrained(tmp_path)
-    script_args, _ = script.parse_args(["--output_dir", str(tmp_path), "--model_name_or_path", str(tiny_clip_dir)])
     colors = resolve_task("TinyColors", tiny_task_data_dir)
     with pytest.raises(ValueError, match="3 classes but task 'TinyColors' has 4"):
-        script.load_or_build_head(colors, script_args, tmp_path)
+        script.load_or_build_head(colors, resolve_base(tiny_clip_dir), tmp_path)
 
 
 def test_help_explains_the_arguments():

@@ -14,7 +14,8 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import AutoImageProcessor
 
-from ..clip import load_task_vector_head, load_vision_tower
+from ..base_model import load_base_vision_tower, resolve_base
+from ..clip import load_task_vector_head
 from ..task_vectors import TaskVector, check_compatible, load_task_vector
 from ..tasks import load_task
 from .evaluation import LogitsFn, heads_logits_fn, prepare_eval_data
@@ -69,12 +70,13 @@ def load_analysis_inputs(
     task_names = tuple(tasks) if tasks else tuple(_task_of(vector) for vector in first)
     if len(task_names) != 2:
         raise ValueError(f"give exactly two task names (e.g. --tasks A,B), got {list(task_names)}.")
-    model = _model_for(load_vision_tower(base), first[0])
+    checkpoint = resolve_base(base)  # safetensors, else the conversion branch, else transformers' own loader
+    model = _model_for(load_base_vision_tower(checkpoint), first[0])
     base_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     everything = [v for vectors in (*loaded.values(), *loaded_others.values()) for v in vectors]
     for vector in everything:
         check_compatible([vector], base_state)
-    processor = AutoImageProcessor.from_pretrained(base)
+    processor = AutoImageProcessor.from_pretrained(checkpoint.directory)
     data = {}
     for task in task_names:
         dataset = load_task(task, data_dir, image_processor=processor)
