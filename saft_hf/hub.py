@@ -63,7 +63,7 @@ _CARD_TEMPLATE = """---
 # Task vector: {{ task | default("unnamed task", true) }}
 
 This repository holds a **task vector** τ = θ_fine-tuned − θ_pre-trained (Ilharco et al., ICLR 2023)
-for {% if base_on_hub %}[{{ base_model }}](https://huggingface.co/{{ base_model }}){% else %}`{{ base_model }}`{% endif %}{% if base_revision %} at revision
+for {% if base_on_hub %}[{{ base_model }}](https://huggingface.co/{{ base_model }}){% else %}`{{ base_model }}`{% if base_note %} ({{ base_note }}){% endif %}{% endif %}{% if base_revision %} at revision
 `{{ base_revision }}`{% endif %}, made with saft-hf: {{ num_tensors }}
 tensors, {{ num_parameters }} parameters, stored in safetensors.
 
@@ -82,9 +82,11 @@ tensors, {{ num_parameters }} parameters, stored in safetensors.
 {{ merge_command }}
 ```
 
-Replace `{{ other_placeholder }}` with the other task vectors (Hub ids or folders, comma-separated, fine-tuned
-from the same base){% if base_recorded %}; the base model and its revision are read from the task vectors{% else %}
-and `BASE_MODEL` with the pre-trained model{% endif %}. `saft-merge --help` lists every method and option.
+{% if local_name %}Run it in the folder that holds this task vector's folder `{{ local_name }}/` (or put its Hub id in place of
+`./{{ local_name }}` once it is pushed). {% endif %}Replace `{{ other_placeholder }}` with the other task vectors (Hub ids or
+folders, comma-separated, fine-tuned from the same base){% if base_recorded %}; the base model and its revision are read from
+the task vectors{% else %} and `BASE_MODEL` with the pre-trained model{% endif %}. `saft-merge --help` lists every method and
+option.
 
 ```python
 from saft_hf import TaskVector
@@ -121,14 +123,33 @@ def _is_hub_id(name: str | None) -> bool:
     return True
 
 
-def make_model_card(vector: PushableVector, repo_id: str | None = None) -> ModelCard:
-    """A ``ModelCard`` with Hub metadata (library, base model, tags, datasets, metrics) and a merge snippet."""
+DEMO_BASE_PREFIX = "saft-demo/"
+
+
+def _base_shown(base_model: str | None) -> tuple[str, str | None]:
+    """How a card names the base: a Hub id as it is; a local folder by its name only (a path shows the machine)."""
+    if not base_model:
+        return "<base model>", None
+    if base_model.startswith(DEMO_BASE_PREFIX):
+        return base_model, "pre-trained by saft-demo and kept in its cache, where saft-merge finds it"
+    if _is_hub_id(base_model):
+        return base_model, None
+    return Path(base_model).name or base_model, "a local folder, recorded in task_vector_config.json"
+
+
+def make_model_card(vector: PushableVector, repo_id: str | None = None, local_name: str | None = None) -> ModelCard:
+    """A ``ModelCard`` with Hub metadata (library, base model, tags, datasets, metrics) and a merge snippet.
+
+    ``repo_id`` names a vector on the Hub; ``local_name`` one saved to a folder of that name, shown as
+    ``./<name>`` so the printed command runs beside it, wherever that folder is.
+    """
     config = plain_value(vector.config)
     finetuning = config.get("finetuning") or {}
     metrics = config.get("metrics") or {}
     datasets = config.get("datasets") or ([config["dataset"]] if config.get("dataset") else [])
     base_model = config.get("base_model")
-    base_on_hub = _is_hub_id(base_model)
+    base_on_hub = _is_hub_id(base_model) and not str(base_model).startswith(DEMO_BASE_PREFIX)
+    shown_base, base_note = _base_shown(base_model)
     card_data = ModelCardData(
         library_name="saft-hf",
         base_model=base_model if base_on_hub else None,  # the Hub rejects a local path here
@@ -137,25 +158,33 @@ def make_model_card(vector: PushableVector, repo_id: str | None = None) -> Model
         metrics=sorted(metrics) or None,
     )
     hyper = finetuning.get("hyperparameters") or {}
-    repo = repo_id or config.get("repo_id") or "OWNER/THIS_TASK_VECTOR"
+    repo_id = repo_id or config.get("repo_id")
+    repo = repo_id or (f"./{local_name}" if local_name else "OWNER/THIS_TASK_VECTOR")
     return ModelCard.from_template(
         card_data,
         template_str=_CARD_TEMPLATE,
         task=config.get("task"),
-        base_model=base_model or "<base model>",
+        base_model=shown_base,
+        base_note=base_note,
         base_on_hub=base_on_hub,
+        local_name=None if repo_id else local_name,
         base_revision=config.get("base_model_revision"),
         repo_id=repo,
         merge_command=merge_command(repo, base_recorded=bool(base_model)),
         other_placeholder=OTHER_PLACEHOLDER,
         base_recorded=bool(base_model),
         method=finetuning.get("method", "unknown"),
-        hyperparameters=", ".join(f"{k}={v}" for k, v in sorted(hyper.items())),
+        hyperparameters=", ".join(f"{k}={_shown(v)}" for k, v in sorted(hyper.items())),
         datasets=list(datasets),
         metrics_table=sorted(metrics.items()),
         num_tensors=len(vector),
         num_parameters=sum(int(torch.Size(s).numel()) for s in vector.shapes.values()),
     )
+
+
+def _shown(value: Any) -> Any:
+    """A hyperparameter as a card shows it: whole floats as integers (``warmup_steps=0``, not ``0.0``)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # ----------------------------------------------------------------------------- push / pull

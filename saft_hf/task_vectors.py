@@ -360,7 +360,7 @@ class TaskVector(Mapping[str, Tensor]):
         with atomic_output_dir(target, overwrite=True) as tmp:
             self._write(tmp, max_shard_size=max_shard_size, dtype=dtype)
             if model_card:
-                make_model_card(self, repo_id=self.config.get("repo_id") or str(target)).save(tmp / "README.md")
+                make_model_card(self, local_name=target.resolve().name).save(tmp / "README.md")
         return target
 
     def _write(self, directory: Path, *, max_shard_size: int | str, dtype: torch.dtype | None) -> None:

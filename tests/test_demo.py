@@ -279,3 +279,33 @@ def test_combine_merges_disjoint_seeds_and_refuses_different_settings(toy_run, t
     assert main([*_toy_argv(other, toy_run["cache"]), "--steps", "2", "--analysis-pairs", "0"]) == 0
     assert main(["--combine", str(toy_run["output"]), str(other), "--output", str(tmp_path / "y")]) == 2
     assert "differ in ['steps']" in capsys.readouterr().err
+
+
+def test_two_demo_task_vectors_merge_with_the_command_their_card_prints(toy_run, tmp_path, monkeypatch, capsys):
+    """The card's command runs beside the vector; the base id it records (saft-demo/base-…) is found in the cache."""
+    import json as _json
+    import re
+    import shlex
+
+    from saft_hf.cli.merge import main as saft_merge
+
+    folder = toy_run["output"] / "task_vectors" / "seed-2" / "sam"
+    card = (folder / "sizes" / "README.md").read_text()
+    assert str(toy_run["output"]) not in card and ".tmp" not in card  # no path of the machine, no temp folder
+    [block] = re.findall(r"```bash\n(.*?)```", card, flags=re.DOTALL)
+    argv = shlex.split(next(line for line in block.splitlines() if line.startswith("saft-merge ")))
+    assert "./sizes,OWNER/OTHER_TASK_VECTOR" in argv
+    argv = [arg.replace("OWNER/OTHER_TASK_VECTOR", "./colours").replace("merged", str(tmp_path / "merged")) for arg in argv]
+    monkeypatch.chdir(folder)
+    (tmp_path / "saft").mkdir()
+    (tmp_path / "saft" / "demo").symlink_to(toy_run["cache"])  # the demo's cache as saft-hf's default one
+    monkeypatch.setenv("SAFT_HF_CACHE", str(tmp_path / "saft"))
+    assert saft_merge(argv[1:] + ["--no-progress"]) == 0, capsys.readouterr().err
+    config = _json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert config["base_model"]["id"].startswith("saft-demo/base-") and [r["repo"] for r in config["repos"]] == ["sizes", "colours"]
+    # elsewhere (the demo ran with --cache-dir): the error names the fix, and --base with the cached folder works
+    monkeypatch.setenv("SAFT_HF_CACHE", str(tmp_path / "empty"))
+    assert saft_merge(argv[1:] + ["--no-progress", "--overwrite"]) == 1
+    assert "pass --base with the demo's cached folder" in capsys.readouterr().err
+    [cached] = [p for p in toy_run["cache"].iterdir() if p.name.startswith("base-")]
+    assert saft_merge(argv[1:] + ["--no-progress", "--overwrite", "--base", str(cached)]) == 0
