@@ -118,19 +118,35 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
+class UsageError(ValueError):
+    """A wrong option or input, found before any training; reported as one ``error:`` line (exit status 2)."""
+
+
 def check_arguments(args: ReproduceArguments) -> list[str]:
     """Fail before any training on a wrong task, variant or method; returns the tasks' canonical names."""
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad or not args.variants or len(set(args.variants)) != len(args.variants):
-        raise SystemExit(f"--variants must be among {list(VARIANTS)}, each once, got {args.variants!r}.")
+        raise UsageError(f"--variants must be among {list(VARIANTS)}, each once, got {args.variants!r}.")
     if not args.methods or len(set(args.methods)) != len(args.methods):
-        raise SystemExit(f"--methods must list at least one merge method, each once, got {args.methods!r}.")
-    for method in args.methods:
-        get_method(method)  # raises naming the available methods
-    names = [resolve_task(task, args.data_dir).name for task in args.tasks]
+        raise UsageError(f"--methods must list at least one merge method, each once, got {args.methods!r}.")
+    try:
+        for method in args.methods:
+            get_method(method)  # raises naming the available methods
+        names = [resolve_task(task, args.data_dir).name for task in args.tasks]
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        raise UsageError(err.args[0] if err.args else str(err)) from None
     if len(set(names)) != len(names) or len(names) < 2:
-        raise SystemExit(f"--tasks must name at least two different tasks to merge, got {args.tasks!r}.")
+        raise UsageError(f"--tasks must name at least two different tasks to merge, got {args.tasks!r}.")
     return names
+
+
+def parse_args(argv: list[str] | None) -> tuple[ReproduceArguments, SAMTrainingArguments]:
+    """The command line as the two dataclasses; an unknown option or bad value is a ``UsageError``."""
+    try:
+        return build_parser().parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # e.g. "Some specified arguments are not used by the HfArgumentParser: [...]"
+        hint = " (progress bars: --disable_tqdm true)" if "progress" in str(err) else ""
+        raise UsageError(f"{err}{hint}. See --help for the options.") from None
 
 
 def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments, task: str) -> dict[str, Any]:
@@ -198,7 +214,7 @@ def run_finetunes(
             plan = broadcast_object_list(plan)[0]
             name = f"{task}/{variant}"
             if plan["action"] == "error":
-                raise SystemExit(f"fine-tune {name}: {plan['note']}")
+                raise UsageError(f"fine-tune {name}: {plan['note']}")
             if plan["action"] == "skip":
                 log["skipped"].append(name)
                 progress.finish("fine-tune", name, plan["note"], worked=False)
@@ -261,7 +277,7 @@ def run_merges(
                 written = [p.name for p in out.iterdir() if p.name != MARKER_NAME]  # model, heads, card, JSON
                 write_marker(out, written, settings, {"variant": variant})
                 log["merged"].append(name)
-                progress.finish("merge", name, f"merged ({why})")
+                progress.finish("merge", name, f"merged ({why})" if why != "not run before" else "merged")
             else:
                 log["reused"].append(name)
                 progress.finish("merge", name, "finished earlier, outputs verified", worked=False)
@@ -270,35 +286,74 @@ def run_merges(
 
 
 def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> int:
-    """Run or continue the whole reproduction; ``callbacks`` go to every fine-tune's Trainer."""
-    args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
-    tasks = check_arguments(args)
+    """Run or continue the whole reproduction; ``callbacks`` go to every fine-tune's Trainer.
+
+    Exit status: 0 done, 2 a wrong option or input (one ``error:`` line, nothing written), 1 a failure while
+    running, 130 on Ctrl-C. Every invocation that started work appends one line to ``reproduce_runs.jsonl``.
+    """
+    try:
+        args, training_args = parse_args(argv)
+        tasks = check_arguments(args)
+    except UsageError as err:
+        return _error(err, 2)
     state = PartialState()
     root = Path(training_args.output_dir)
-    started = time.time()
+    log: dict[str, Any] = {"started": time.time(), "world_size": state.num_processes, "trained": [], "resumed": [],
+                           "skipped": [], "merged": [], "reused": []}  # fmt: skip
+    try:
+        _run(args, training_args, tasks, log, callbacks)
+        log["outcome"] = "finished"
+        return 0
+    except KeyboardInterrupt:
+        log["outcome"] = "interrupted"
+        print("reproduce_saft.py: interrupted (Ctrl-C); finished stages are kept, run the same command to continue.",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except (UsageError, ValueError, KeyError, OSError) as err:
+        log["outcome"] = f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}"
+        return _error(err, 1)
+    finally:
+        if state.is_main_process and root.is_dir():  # one line per invocation: what it trained, resumed, reused
+            with open(root / RUN_LOG, "a") as handle:
+                handle.write(json.dumps(log) + "\n")
+
+
+def _error(err: BaseException, code: int) -> int:
+    """One line on stderr from the main process (every process meets the same user error)."""
+    if PartialState().is_main_process:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"reproduce_saft.py: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(
+    args: ReproduceArguments,
+    training_args: SAMTrainingArguments,
+    tasks: list[str],
+    log: dict[str, Any],
+    callbacks: list[Any] | None,
+) -> None:
+    state = PartialState()
+    root = Path(training_args.output_dir)
     totals = {"fine-tune": len(tasks) * len(args.variants), "merge": len(args.methods) * len(args.variants)}
     progress = StageProgress(totals, printer=_printer(state.is_main_process))
-    log: dict[str, list] = {"trained": [], "resumed": [], "skipped": [], "merged": [], "reused": []}
     run_finetunes(args, training_args, tasks, progress, log, callbacks)
     state.wait_for_everyone()
     # Merging runs on the main process alone: leave the process group now rather than hold the others at a barrier.
     state.destroy_process_group()
     if not state.is_main_process:
-        return 0
+        return
     merges = run_merges(args, root, tasks, progress, log, bars=not training_args.disable_tqdm)
     finetune = {
         v: {t: json.loads((root / "finetune" / v / t / "results.json").read_text()) for t in tasks} for v in args.variants
     }
     written = write_report(summarize(tasks, args.variants, args.methods, finetune, merges), root)
-    with open(root / RUN_LOG, "a") as handle:  # one line per invocation: what it trained, resumed, reused
-        handle.write(json.dumps({"started": started, "world_size": state.num_processes, **log}) + "\n")
     print(
         f"reproduce: trained {len(log['trained'])} ({len(log['resumed'])} resumed), skipped {len(log['skipped'])} "
         f"fine-tunes; ran {len(log['merged'])}, reused {len(log['reused'])} merges. "
         + ", ".join(f"{k}: {p}" for k, p in written.items()),
         flush=True,
     )
-    return 0
 
 
 def _printer(enabled: bool) -> Any:

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,18 +307,22 @@ def resume_checkpoint(output_dir: Path) -> str | None:
     return str(checkpoint) if checkpoint is not None else None
 
 
-def absolute_steps(training_args: SAMTrainingArguments) -> None:
-    """Turn fractional ``logging/save/eval_steps`` into step counts when ``max_steps`` is known.
+def absolute_steps(training_args: SAMTrainingArguments) -> Callable[[], None]:
+    """Make fractional ``logging/save/eval_steps`` step counts (``max_steps`` known); returns the undo.
 
     The Trainer converts them internally but compares the fraction with the count it saved when it
-    resumes, warning about a mismatch that is not one.
+    resumes, warning about a mismatch that is not one. Undo once training has started its state.
     """
-    if training_args.max_steps <= 0:
-        return
-    for name in ("logging_steps", "save_steps", "eval_steps"):
-        value = getattr(training_args, name)
-        if value is not None and 0 < value < 1:
+    saved = {name: getattr(training_args, name) for name in ("logging_steps", "save_steps", "eval_steps")}
+    for name, value in saved.items():
+        if training_args.max_steps > 0 and value is not None and 0 < value < 1:
             setattr(training_args, name, max(1, math.ceil(training_args.max_steps * value)))
+
+    def restore() -> None:
+        for name, value in saved.items():
+            setattr(training_args, name, value)
+
+    return restore
 
 
 def warn_if_fewer_processes(training_args: SAMTrainingArguments) -> bool:
@@ -386,7 +391,7 @@ def train_task(
         vision = add_lora(vision, lora)
     model = CLIPImageClassifier(vision, head)
 
-    absolute_steps(training_args)
+    restore_steps = absolute_steps(training_args)
     trainer = SAMTrainer(
         model=model,
         args=training_args,
@@ -397,6 +402,7 @@ def train_task(
         callbacks=[LogLastStepCallback(), *(callbacks or [])],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    restore_steps()  # the caller's arguments as given (reproduce_saft.py compares them across stages)
     trainer.accelerator.wait_for_everyone()
     results = None
     if trainer.is_world_process_zero():

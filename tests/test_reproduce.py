@@ -343,7 +343,9 @@ def test_a_run_killed_in_its_second_fine_tune_resumes_and_ends_with_the_same_tab
     _assert_report_matches_run_results(e2e["killed"])
 
 
-def test_a_finished_fine_tune_with_other_settings_stops_every_process_with_the_reason(tmp_path, tiny_task_data_dir):
+def test_a_finished_fine_tune_with_other_settings_stops_every_process_with_the_reason(
+    tmp_path, tiny_task_data_dir, capsys
+):
     script = load_reproduce_script()
     argv = ["--output_dir", str(tmp_path), "--data_dir", str(tiny_task_data_dir), "--tasks", *TASKS, "--max_steps", "4"]
     args, training_args = script.build_parser().parse_args_into_dataclasses(args=argv)
@@ -355,20 +357,47 @@ def test_a_finished_fine_tune_with_other_settings_stops_every_process_with_the_r
     training_args.max_steps = 8000
     plan = script.plan_finetune(stage, script.stage_settings(args, training_args, "TinyColors"))
     assert plan["action"] == "error" and "max_steps" in plan["note"]  # broadcast, so no process waits forever
-    with pytest.raises(SystemExit, match="fine-tune TinyColors/standard: .*max_steps: 4 now 8000"):
-        script.main([*argv[:-1], "8000", "--variants", "standard"])
+    assert script.main([*argv[:-1], "8000", "--variants", "standard"]) == 1
+    assert re.search(r"reproduce_saft.py: error: fine-tune TinyColors/standard: .*max_steps: 4 now 8000",
+                     capsys.readouterr().err)  # fmt: skip
     assert (stage / "results.json").is_file()  # the finished result is kept
 
 
-def test_unknown_variant_or_method_fails_before_training(tmp_path, tiny_task_data_dir):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--variants", "sam"], "--variants must be among"),
+        (["--methods", "ties", "ties"], "each once"),
+        (["--methods", "ties", "tie"], "unknown merge method 'tie'; available methods"),
+        (["--tasks", "TinyColors"], "at least two different tasks"),
+        (["--tasks", "TinyColors", "Nope"], "unknown task 'Nope'"),
+        (["--no_progress"], "--disable_tqdm true"),
+    ],
+)
+def test_bad_inputs_are_one_error_line_before_anything_is_written(extra, message, tmp_path, tiny_task_data_dir, capsys):
     script = load_reproduce_script()
-    common = ["--output_dir", str(tmp_path), "--data_dir", str(tiny_task_data_dir), "--tasks", *TASKS]
-    with pytest.raises(SystemExit, match="--variants must be among"):
-        script.main([*common, "--variants", "sam"])
-    with pytest.raises(SystemExit, match="each once"):
-        script.main([*common, "--methods", "ties", "ties"])
-    with pytest.raises(ValueError, match="unknown merge method 'tie'; available methods"):
-        script.main([*common, "--methods", "tie"])
-    with pytest.raises(SystemExit, match="at least two different tasks"):
-        script.main([*common[:-3], "--tasks", "TinyColors"])
-    assert not any(tmp_path.iterdir())
+    argv = ["--output_dir", str(tmp_path / "out"), "--data_dir", str(tiny_task_data_dir), "--tasks", *TASKS]
+    if "--tasks" in extra:
+        argv = argv[:-len(TASKS) - 1]
+    assert script.main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reproduce_saft.py: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_invocation_is_logged(tmp_path, tiny_clip_dir, tiny_task_data_dir, capsys):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    script = load_reproduce_script()
+    argv = ["--output_dir", str(tmp_path), "--data_dir", str(tiny_task_data_dir), "--tasks", *TASKS,
+            "--model_name_or_path", str(tiny_clip_dir), "--max_steps", "4", "--per_device_train_batch_size", "8",
+            "--use_cpu", "true", "--disable_tqdm", "true", "--variants", "standard"]  # fmt: skip
+    assert script.main(argv, callbacks=[Interrupt()]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reproduce_saft.py")]
+    assert err == ["reproduce_saft.py: interrupted (Ctrl-C); finished stages are kept, run the same command to continue."]
+    [line] = (tmp_path / "reproduce_runs.jsonl").read_text().splitlines()
+    assert json.loads(line)["outcome"] == "interrupted"

@@ -321,8 +321,10 @@ def test_fractional_step_settings_match_what_a_checkpoint_records(tmp_path):
 
     script = _load_script()
     _, args = script.parse_args(["--output_dir", str(tmp_path), "--max_steps", "40", "--save_steps", "0.5"])
-    script.absolute_steps(args)
+    restore = script.absolute_steps(args)
     state = TrainerState()
     state.compute_steps(args, 40)
     assert (args.logging_steps, args.save_steps) == (2, 20)
     assert (state.logging_steps, state.save_steps) == (args.logging_steps, args.save_steps)
+    restore()  # the caller's arguments come back as given: reproduce_saft.py compares them between stages
+    assert (args.logging_steps, args.save_steps) == (0.05, 0.5)

@@ -72,7 +72,7 @@ def read_marker(root: Path, settings: Mapping[str, Any], strict: bool = True) ->
     """
     path = root / MARKER_NAME
     if not path.is_file():
-        return None, "not finished" if not root.exists() else "no completion marker (interrupted)"
+        return None, "not run before" if not root.exists() else "no completion marker (interrupted)"
     try:
         marker = json.loads(path.read_text())
         recorded, files = marker["settings"], marker["files"]
