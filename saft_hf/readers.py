@@ -28,11 +28,13 @@ from .task_vector_io import (
     FORMAT_VERSION,
     HEAD_FILES,
     INDEX_NAME,
+    ST_DTYPES,
     WEIGHTS_NAME,
     CorruptedTaskVectorError,
     IncompatibleTaskVectorError,
     SafetensorsStore,
     TaskVectorError,
+    damaged_advice,
     fingerprint,
     provenance_config,
     read_json,
@@ -47,6 +49,7 @@ __all__ = [
     "LoraStore",
     "RenamedStore",
     "RepoContents",
+    "ZeroPaddedStore",
     "TensorStore",
     "layout_key",
     "layout_map",
@@ -151,6 +154,22 @@ class RenamedStore:
         return self._store.get(self._old[name])
 
 
+class ZeroPaddedStore:
+    """Another store plus all-zero tensors for parameters it leaves untouched (a LoRA vector's frozen weights)."""
+
+    def __init__(self, store: TensorStore, extra: Mapping[str, tuple[int, ...]], dtype: str = "F32") -> None:
+        self.source = store.source
+        self._store = store
+        self.weight_map = {**store.weight_map, **dict.fromkeys(extra, "")}
+        self.shapes = {**store.shapes, **extra}
+        self.dtypes = {**store.dtypes, **dict.fromkeys(extra, dtype)}
+
+    def get(self, name: str) -> Tensor:
+        if name in self._store.weight_map:
+            return self._store.get(name)
+        return torch.zeros(self.shapes[name], dtype=ST_DTYPES[self.dtypes[name]])
+
+
 def rename_to_base(store: TensorStore, base_names: Collection[str]) -> TensorStore:
     """``store`` with its names in the base's layout (:func:`layout_map`), or ``store`` itself if they already are."""
     mapping = layout_map(store.weight_map, base_names)
@@ -222,13 +241,13 @@ def read_task_vector_repo(directory: Path, source: str) -> RepoContents:
     weight_map = weight_map_of(directory, source, WEIGHTS_NAME, INDEX_NAME)
     if weight_map is None:
         raise CorruptedTaskVectorError(
-            f"{source} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; re-download with force_download=True."
+            f"{source} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; {damaged_advice(source)}."
         )
     store = SafetensorsStore(directory, weight_map, source)
     if "fingerprint" in config and config["fingerprint"] != fingerprint(store.shapes):
         raise CorruptedTaskVectorError(
             f"the tensors of {source} do not match the fingerprint in its {CONFIG_NAME} (files mixed "
-            "from different versions?); re-download with force_download=True."
+            f"from different versions?); {damaged_advice(source)}."
         )
     head_dir = directory if (directory / HEAD_FILES[0]).is_file() else None
     return RepoContents(store, config, head_dir)

@@ -43,6 +43,13 @@ class CorruptedTaskVectorError(TaskVectorError):
     """A task-vector file is unreadable, non-finite or points outside its directory."""
 
 
+def damaged_advice(source: str) -> str:
+    """What to do about a damaged file of ``source``: a download is fetched again, a local folder re-created."""
+    if Path(source).exists():
+        return "re-create (or copy again) that local folder"
+    return "re-download with force_download=True"
+
+
 def fingerprint(shapes: Mapping[str, Sequence[int]]) -> str:
     """SHA-256 over sorted ``name:shape`` lines: a cheap identity for an architecture's parameter set."""
     text = "\n".join(f"{name}:{list(shape)}" for name, shape in sorted(shapes.items()))
@@ -116,7 +123,7 @@ class SafetensorsStore:
         if missing:
             raise CorruptedTaskVectorError(
                 f"tensor {missing[0]!r} is listed in the index of {source} but missing from "
-                f"{self.weight_map[missing[0]]}; re-download with force_download=True."
+                f"{self.weight_map[missing[0]]}; {damaged_advice(source)}."
             )
 
     def open(self, filename: str) -> Any:
@@ -128,15 +135,14 @@ class SafetensorsStore:
         path = self.directory / filename
         if not path.is_file():
             raise CorruptedTaskVectorError(
-                f"file {filename!r} of task vector {self.source} is missing; re-download with "
-                "force_download=True or check the repo contents."
+                f"file {filename!r} of task vector {self.source} is missing; {damaged_advice(self.source)}, or "
+                "check the repo contents."
             )
         try:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as err:
             raise CorruptedTaskVectorError(
-                f"cannot read {path} ({err}); the file is truncated or corrupted: re-download with "
-                "force_download=True."
+                f"cannot read {path} ({err}); the file is truncated or corrupted: {damaged_advice(self.source)}."
             ) from err
 
     def get(self, name: str) -> Tensor:
@@ -146,8 +152,8 @@ class SafetensorsStore:
                 return handle.get_tensor(name)
         except SafetensorError as err:
             raise CorruptedTaskVectorError(
-                f"cannot read tensor {name!r} from {self.directory / filename} ({err}); re-download "
-                "with force_download=True."
+                f"cannot read tensor {name!r} from {self.directory / filename} ({err}); "
+                f"{damaged_advice(self.source)}."
             ) from err
 
 
@@ -157,7 +163,7 @@ def read_json(path: Path, source: str) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptedTaskVectorError(
-            f"cannot parse {path.name} of {source} ({err}); re-download with force_download=True."
+            f"cannot parse {path.name} of {source} ({err}); {damaged_advice(source)}."
         ) from err
     if not isinstance(data, dict):
         raise CorruptedTaskVectorError(f"{path.name} of {source} is not a JSON object.")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .hub import make_model_card, push_task_vector, resolve_repo
 from .io_utils import atomic_output_dir
-from .readers import RenamedStore, TensorStore, layout_map, open_checkpoint, read_repo
+from .readers import RenamedStore, TensorStore, ZeroPaddedStore, layout_map, open_checkpoint, read_repo
 from .task_vector_io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_BYTES,
@@ -414,6 +414,21 @@ class TaskVector(Mapping[str, Tensor]):
         contents = read_repo(directory, source, base=base, base_id=base_id)
         return cls(config=contents.config, head_dir=contents.head_dir, check_finite=check_finite, _store=contents.store)
 
+    def padded(self, shapes: Mapping[str, Sequence[int]]) -> TaskVector:
+        """This vector with all-zero deltas for the names of ``shapes`` it lacks (parameters it left untouched).
+
+        A LoRA vector changes only the adapted weights; merged with full vectors, the rest of its τ is zero.
+        """
+        extra = {name: tuple(shape) for name, shape in shapes.items() if name not in self}
+        if not extra:
+            return self
+        if self._tensors is not None:
+            zeros = {name: torch.zeros(shape) for name, shape in extra.items()}
+            return TaskVector({**self._tensors, **zeros}, self.config, check_finite=self.check_finite, head=self._head,
+                              class_names=self._class_names, head_dir=self.head_dir)  # fmt: skip
+        store = ZeroPaddedStore(self._store, extra)  # type: ignore[arg-type]
+        return TaskVector(config=self.config, head_dir=self.head_dir, check_finite=self.check_finite, _store=store)
+
     def to_base_layout(self, base: nn.Module | Mapping[str, Any]) -> TaskVector:
         """This vector with its names in ``base``'s checkpoint layout (``vision_model.`` or not; readers.layout_map)."""
         mapping = layout_map(self.names, list(_names_shapes(base)))
@@ -477,9 +492,11 @@ def check_compatible(
             continue
         for name in list(reference) + [n for n in shapes if n not in reference]:
             if name not in shapes or name not in reference:
+                if base_shapes is not None:  # checked against the base: a parameter one vector left untouched is 0
+                    continue
                 raise IncompatibleTaskVectorError(
-                    f"parameter {name!r} is in only one of vector #0 and {label}; build all vectors with "
-                    "the same include/exclude patterns."
+                    f"parameter {name!r} is in only one of vector #0 and {label}; check them against the base "
+                    "(base=...), which reads a parameter a vector does not change (e.g. outside a LoRA) as a zero delta."
                 )
             if tuple(shapes[name]) != tuple(reference[name]):
                 raise IncompatibleTaskVectorError(

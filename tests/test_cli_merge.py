@@ -404,3 +404,26 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(vector_dirs: list[P
     assert process.returncode == 130
     assert stderr.strip().splitlines() == [f"saft-merge: interrupted (Ctrl-C); {str(out)!r} was not written or changed."]
     assert not out.exists() and _no_debris(tmp_path) == []
+
+
+def test_a_lora_vector_merges_with_a_full_one_its_untouched_parameters_being_zero(
+    tiny_clip_dir: Path, vector_dirs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tower = load_vision_tower(tiny_clip_dir)
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tower, config).save_pretrained(tmp_path / "lora")
+    out = tmp_path / "mixed"
+    code = main(["--repos", f"{tmp_path / 'lora'},{vector_dirs[0]}", "--base", str(tiny_clip_dir),
+                 "--method", "task_arithmetic", "--scaling", "0.5", "--output", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    lora = TaskVector.from_pretrained(tmp_path / "lora")
+    full = TaskVector.from_pretrained(vector_dirs[0])
+    assert 0 < len(lora) < len(full)  # the LoRA vector changes only q/v projections
+    merged = _weights(out)
+    base = {n: p.detach() for n, p in load_vision_tower(tiny_clip_dir).named_parameters()}
+    for name, theta in base.items():
+        lora_tau = lora[f"{name}"] if name in lora else torch.zeros_like(theta)
+        torch.testing.assert_close(merged[name], theta + 0.5 * (lora_tau + full[name]), rtol=0, atol=1e-6)

@@ -15,7 +15,9 @@ from saft_hf.task_vectors import TaskVector
 from tests.fixtures_clip import TINY_TASKS
 
 
-def _vector_dir(base_dir: Path, target: Path, task: str, seed: int, head_task: str = "TinyColors") -> Path:
+def _vector_dir(
+    base_dir: Path, target: Path, task: str, seed: int, head_task: str = "TinyColors", base_id: str | None = None
+) -> Path:
     """A task vector of the tiny tower whose config records ``task`` (any string), with a zero-shot head."""
     base = load_vision_tower(base_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -23,7 +25,7 @@ def _vector_dir(base_dir: Path, target: Path, task: str, seed: int, head_task: s
     head_dir = target.parent / f"{target.name}-head"
     prototypes = torch.randn(len(TINY_TASKS[head_task]), base.config.projection_dim, generator=generator)
     ZeroShotHead.from_prototypes(prototypes, TINY_TASKS[head_task], task=head_task).save_pretrained(head_dir)
-    config = {"task": task, "base_model": str(base_dir)}
+    config = {"task": task, "base_model": base_id or str(base_dir)}
     return TaskVector(tau, config, head_dir=head_dir).save_pretrained(target)
 
 
@@ -102,23 +104,57 @@ def test_build_zero_shot_head_refuses_a_pickle_only_folder(pickle_only_clip: Pat
         build_zero_shot_head(pickle_only_clip, None, ["a", "b"], ["a photo of a {}."])
 
 
-def test_saft_analyze_refuses_a_pickle_only_base(
-    tiny_clip_dir: Path, pickle_only_clip: Path, tmp_path: Path, no_torch_load: None
-) -> None:
+@pytest.fixture
+def weights_only_loads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """torch.load as transformers' loader calls it; any call without ``weights_only=True`` fails the test."""
+    calls: list[object] = []
+    original = torch.load
+
+    def checked(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("weights_only"))
+        if kwargs.get("weights_only") is not True:
+            raise AssertionError("torch.load without weights_only=True: a full pickle was about to be read")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", checked)
+    return calls
+
+
+def test_saft_analyze_reads_a_pickle_only_base_through_transformers_weights_only_loader(
+    tiny_clip_dir: Path, pickle_only_clip: Path, tiny_task_data_dir: Path, tmp_path: Path,
+    weights_only_loads: list[object],
+) -> None:  # fmt: skip
     from saft_hf.analysis.inputs import load_analysis_inputs
 
-    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", "TinyColors", i) for i in (1, 2)]
-    with pytest.raises(ValueError, match=PICKLE_REFUSED):
-        load_analysis_inputs(pickle_only_clip, {"sam": vectors}, tasks=["TinyColors", "TinyPatterns"])
+    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", task, i, head_task=task)
+               for i, task in enumerate(["TinyColors", "TinyPatterns"], start=1)]  # fmt: skip
+    inputs = load_analysis_inputs(pickle_only_clip, {"sam": vectors}, tasks=["TinyColors", "TinyPatterns"],
+                                  data_dir=tiny_task_data_dir, max_samples=4)  # fmt: skip
+    expected = load_vision_tower(tiny_clip_dir).state_dict()
+    assert all(torch.equal(t, expected[n]) for n, t in inputs.model.state_dict().items() if n in expected)
+    assert weights_only_loads  # the .bin was read, and only with weights_only=True
 
 
-def test_saft_merge_refuses_a_pickle_only_base_with_the_same_message(
+def test_saft_merge_reads_a_pickle_only_base_only_through_the_weights_only_loader(
+    tiny_clip_dir: Path, pickle_only_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    weights_only_loads: list[object],
+) -> None:  # fmt: skip
+    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", f"task{i}", i, base_id=str(pickle_only_clip))
+               for i in (1, 2)]  # fmt: skip
+    code = main(["--repos", ",".join(map(str, vectors)), "--method", "task_arithmetic",
+                 "--scaling", "0.3", "--output", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pytorch_model.bin (transformers' weights_only loader)" in captured.out and weights_only_loads
+
+
+def test_a_pickle_only_task_vector_or_fine_tuned_model_is_never_read(
     tiny_clip_dir: Path, pickle_only_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_torch_load: None
 ) -> None:
-    vectors = [_vector_dir(tiny_clip_dir, tmp_path / f"tv{i}", f"task{i}", i) for i in (1, 2)]
-    code = main(["--repos", ",".join(map(str, vectors)), "--base", str(pickle_only_clip), "--method", "task_arithmetic",
+    good = _vector_dir(tiny_clip_dir, tmp_path / "tv", "TinyColors", 1)
+    code = main(["--repos", f"{good},{pickle_only_clip}", "--base", str(tiny_clip_dir), "--method", "task_arithmetic",
                  "--scaling", "0.3", "--output", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
-    assert code == 1 and PICKLE_REFUSED in capsys.readouterr().err
+    assert code == 1 and "reads safetensors only" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- item 4: modes follow the umask

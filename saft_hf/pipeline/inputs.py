@@ -80,8 +80,18 @@ def load_all(job: MergeJob) -> tuple[list[TaskVector], BaseModel]:
     else:
         revisions = [r or None for r in job.revisions] if job.revisions else None
         vectors = load_task_vectors(job.repos, base=base.state, base_id=base.id, revisions=revisions, token=job.token)
-    assign_tasks(vectors, job.repos, job.tasks)
-    return vectors, base
+    assign_tasks(vectors, job.repos, job.tasks, required=job.needs_data)
+    return pad_untouched(vectors), base
+
+
+def pad_untouched(vectors: Sequence[TaskVector]) -> list[TaskVector]:
+    """Vectors that change different parameter sets (LoRA beside full fine-tunes) get zero deltas where they
+    changed nothing, so every method sees one parameter set; the names were checked against the base."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vector in vectors:
+        for name, shape in vector.shapes.items():
+            shapes.setdefault(name, tuple(shape))
+    return [vector.padded(shapes) for vector in vectors]
 
 
 def _normalised(name: str) -> str:
@@ -101,8 +111,13 @@ def task_from_repo_name(repo: str) -> str | None:
     return None
 
 
-def assign_tasks(vectors: Sequence[TaskVector], repos: Sequence[str], tasks: Sequence[str] | None) -> None:
-    """Give each vector its task: ``--tasks``, else the one it records, else the one its repo name says."""
+def assign_tasks(
+    vectors: Sequence[TaskVector], repos: Sequence[str], tasks: Sequence[str] | None, required: bool = True
+) -> None:
+    """Give each vector its task: ``--tasks``, else the one it records, else the one its repo name says.
+
+    A vector left without one is an error when ``required`` (evaluation, search and AdaMerging need the data).
+    """
     for index, (vector, repo) in enumerate(zip(vectors, repos)):
         recorded = vector.config.get("task")
         given = tasks[index] if tasks else None
@@ -112,6 +127,8 @@ def assign_tasks(vectors: Sequence[TaskVector], repos: Sequence[str], tasks: Seq
                 "(one task per repo, in the order of --repos)."
             )
         task = given or recorded or task_from_repo_name(repo)
+        if not task and not required:
+            continue
         if not task:
             raise MergeUsageError(
                 f"{repo!r} records no task and its name does not name one (FusionBench style, e.g. "
