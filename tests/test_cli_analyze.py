@@ -206,3 +206,13 @@ def test_report_figures_label_their_colour_bars(tmp_path, monkeypatch):
     fake = {"tasks": ["A", "B"], "alphas": [0.0, 1.0], "ctl_lambda": 0.3, "pairs": {"ASAM": {"grid": grid}}}
     report._write_contents(fake, tmp_path, None)
     assert labels == [report.COLORBAR_LABELS["xi"], report.COLORBAR_LABELS["joint_loss"]] and all(labels)
+
+
+def test_a_grid_starting_with_a_minus_sign_needs_no_equals_sign():
+    from saft_hf.cli.analyze import build_parser
+    from saft_hf.cli.options import attach_negative_values
+
+    argv = attach_negative_values(["--base", "b", "--vectors", "a,b", "--output", "o", "--grid", "-0.5:1.5:0.25"],
+                                  ("--grid",))  # fmt: skip
+    assert build_parser().parse_args(argv).grid == [-0.5 + 0.25 * i for i in range(9)]
+    assert attach_negative_values(["--grid", "--output", "o"], ("--grid",)) == ["--grid", "--output", "o"]

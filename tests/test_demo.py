@@ -309,3 +309,8 @@ def test_two_demo_task_vectors_merge_with_the_command_their_card_prints(toy_run,
     assert "pass --base with the demo's cached folder" in capsys.readouterr().err
     [cached] = [p for p in toy_run["cache"].iterdir() if p.name.startswith("base-")]
     assert saft_merge(argv[1:] + ["--no-progress", "--overwrite", "--base", str(cached)]) == 0
+
+
+def test_a_one_seed_table_says_its_difference_has_no_interval(toy_run):
+    table = (toy_run["output"] / "results.md").read_text()
+    assert "[95% CI]" not in table and "1 seed: an interval needs ≥ 2" in table

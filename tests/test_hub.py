@@ -268,3 +268,11 @@ def test_card_and_config_print_plain_values_for_enum_hyperparameters(tmp_path: P
         assert "lr_scheduler_type=cosine" in texts[0] and "optim=adamw_torch" in texts[1]
         saved = json.loads(texts[2])["finetuning"]["hyperparameters"]
         assert saved["lr_scheduler_type"] == "cosine" and saved["optim"] == "adamw_torch"
+
+
+def test_card_prints_whole_number_hyperparameters_as_integers(tmp_path: Path) -> None:
+    from saft_hf.hub import make_model_card
+
+    config = {"finetuning": {"method": "ASAM", "hyperparameters": {"warmup_steps": 0.0, "learning_rate": 1e-05}}}
+    text = make_model_card(TaskVector({"w": torch.ones(2)}, config)).text
+    assert "(learning_rate=1e-05, warmup_steps=0)" in text

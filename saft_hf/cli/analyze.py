@@ -17,7 +17,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .options import GRID_SYNTAX, comma_list, disable_library_progress_bars, parse_grid, unwritable_output
+from .options import (
+    GRID_SYNTAX,
+    attach_negative_values,
+    comma_list,
+    disable_library_progress_bars,
+    parse_grid,
+    unwritable_output,
+)
 
 
 def _region(text: str) -> tuple[float, float]:
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--grid", type=parse_grid, default=list(DEFAULT_ALPHAS), metavar="GRID",
-        help=f"coefficients α for both axes: {GRID_SYNTAX}; write --grid=-0.5:1.5:0.25 when it starts with - "
+        help=f"coefficients α for both axes: {GRID_SYNTAX}, negative values allowed "
         f"(default: {DEFAULT_ALPHAS[0]:g}:{DEFAULT_ALPHAS[-1]:g}:{DEFAULT_ALPHAS[1] - DEFAULT_ALPHAS[0]:g})",
     )  # fmt: skip
     parser.add_argument(
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``saft-analyze``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv, ("--grid",)))
     if Path(args.output).exists() and not args.overwrite:
         parser.error(f"--output {args.output!r} already exists; pass --overwrite to replace it.")
     if args.max_samples is not None and args.max_samples < 1:

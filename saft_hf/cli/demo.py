@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from transformers import HfArgumentParser
 
-from ..demo.config import PRESETS, DemoArguments
+from ..demo.config import DEMO_METHODS, PRESETS, DemoArguments
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
@@ -16,8 +16,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
     parser = HfArgumentParser(
         DemoArguments,
         description="Offline, CPU-sized SAFT benchmark: pre-train (or load from cache) a small CLIP-style vision "
-        "tower, fine-tune eight small tasks with AdamW and with SAMTrainer, merge their task vectors with task "
-        "arithmetic, TIES and PCB, and write the accuracy table, results.json and the analysis figures to --output.",
+        "tower, fine-tune eight small tasks with AdamW and with SAMTrainer, merge their task vectors with every method "
+        f"of --methods (default: {', '.join(DEMO_METHODS)}), and write the accuracy table, results.json and the "
+        "analysis figures to --output.",
         epilog="Example: saft-demo --seeds 3 --output saft-demo-3seeds",
     )
     _describe_negations(parser)

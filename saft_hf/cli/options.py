@@ -9,9 +9,27 @@ import argparse
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 GRID_SYNTAX = "start:stop:step (stop included) like 0.05:1.0:0.05, or a list like 0.1,0.3,0.5"
+
+
+def attach_negative_values(argv: Sequence[str], options: Sequence[str]) -> list[str]:
+    """``--grid -0.5:1.5:0.25`` → ``--grid=-0.5:1.5:0.25``: argparse takes a value starting with ``-`` for an option."""
+    out: list[str] = []
+    items = list(argv)
+    index = 0
+    while index < len(items):
+        item = items[index]
+        following = items[index + 1] if index + 1 < len(items) else ""
+        if item in options and len(following) > 1 and following[0] == "-" and (following[1].isdigit() or following[1] == "."):
+            out.append(f"{item}={following}")
+            index += 2
+            continue
+        out.append(item)
+        index += 1
+    return out
 
 
 def comma_list(text: str) -> list[str]:

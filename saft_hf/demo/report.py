@@ -148,7 +148,8 @@ def format_tables(results: Mapping[str, Any]) -> str:
         cells += [_cell(entry["difference"][v]["mean"], signed=True, interval=True) for v in variants[1:]]
         mean_rows.append(cells)
     head = ["test accuracy (%), mean of tasks", *(labels[v] for v in variants)]
-    head += [f"{labels[v]} − {labels[variants[0]]} [95% CI]" for v in variants[1:]]
+    interval = " [95% CI]" if n_seeds > 1 else " (1 seed: an interval needs ≥ 2, --seeds 2)"
+    head += [f"{labels[v]} − {labels[variants[0]]}{interval}" for v in variants[1:]]
     merge_rows = []
     for method in methods:
         for v in variants:
