@@ -7,9 +7,6 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,7 @@ from saft_hf.reproduce import (
     write_marker,
 )
 from tests.examples import load_example
+from tests.launching import Launch, launcher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "reproduce_saft.py"
@@ -190,12 +188,6 @@ def test_an_interrupted_asam_fine_tune_resumed_from_its_checkpoint_ends_bitwise_
 
 
 # --------------------------------------------------------------------------- end to end under accelerate launch
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _arguments(tmp: Path, out: Path, processes: int) -> list[str]:
     """reproduce_saft.py's arguments for the tiny tasks: 4 steps, a checkpoint every 2, a total batch of 16."""
     return [
@@ -207,22 +199,16 @@ def _arguments(tmp: Path, out: Path, processes: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _launch(tmp: Path, out: Path, processes: int, log_name: str, runner: list[str] | None = None) -> subprocess.Popen:
-    """Start one reproduce_saft.py invocation under `accelerate launch`; its output goes to tmp/<log_name>."""
-    launcher = ["--num_processes", "1"] if processes == 1 else [
-        "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", *(runner or [str(SCRIPT)]), *_arguments(tmp, out, processes),
-    ]  # fmt: skip
+def _launch(tmp: Path, out: Path, processes: int, log_name: str, runner: list[str] | None = None) -> Launch:
+    """Start one reproduce_saft.py invocation (tests/launching.py); its output goes to tmp/<log_name>."""
+    command = [*launcher(processes), *(runner or [str(SCRIPT)]), *_arguments(tmp, out, processes)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp / "hf_home"), "PYTHONPATH": str(REPO)}
-    with open(tmp / log_name, "w") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return Launch(command, env, tmp / log_name)
 
 
-def _wait(tmp: Path, process: subprocess.Popen, log_name: str, expect_ok: bool = True) -> str:
-    returncode = process.wait(timeout=900)
-    log = (tmp / log_name).read_text()
+def _wait(tmp: Path, launch: Launch, log_name: str, expect_ok: bool = True) -> str:
+    returncode = launch.wait()
+    log = launch.output()
     if expect_ok:
         assert returncode == 0, f"{log_name} failed:\n{log[-6000:]}"
     return log
@@ -256,7 +242,7 @@ def e2e(tmp_path_factory, tiny_clip_dir, tiny_task_data_dir):
     first = {"one": _launch(tmp, one, 1, "one.log"), "two": _launch(tmp, two, 2, "two.log"),
              "killed": _launch(tmp, killed, 1, "killed.log", runner=kill)}  # fmt: skip
     logs = {name: _wait(tmp, p, f"{name}.log", expect_ok=name != "killed") for name, p in first.items()}
-    assert first["killed"].returncode != 0, f"the killed run finished:\n{logs['killed'][-3000:]}"
+    assert first["killed"].process.returncode != 0, f"the killed run finished:\n{logs['killed'][-3000:]}"
     stage2 = killed / "finetune" / "standard" / "TinyPatterns"
     state = {
         "stage1_marker": (killed / "finetune" / "standard" / "TinyColors" / "reproduce_stage.json").is_file(),

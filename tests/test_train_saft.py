@@ -20,6 +20,7 @@ from saft_hf.pipeline.inputs import recorded_accuracy, recorded_validation_accur
 from saft_hf.task_vectors import TaskVector
 from saft_hf.tasks import resolve_task
 from tests.examples import load_example
+from tests.launching import Launch, launcher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_saft.py"
@@ -30,22 +31,18 @@ def _load_script():
     return load_example("train_saft")
 
 
-def _launch(tmp: Path, clip_dir: Path, data_dir: Path, processes: int, *extra: str) -> tuple[subprocess.Popen, Path]:
-    """Start `accelerate launch examples/train_saft.py` on the tiny task; returns the process and output dir."""
+def _launch(tmp: Path, clip_dir: Path, data_dir: Path, processes: int, *extra: str) -> tuple[Launch, Path]:
+    """Start examples/train_saft.py on the tiny task (tests/launching.py); returns the launch and output dir."""
     out = tmp / "out"
-    launcher = ["--num_processes", "1"] if processes == 1 else ["--multi_gpu", "--num_processes", str(processes)]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+        *launcher(processes), str(SCRIPT),
         "--task", "TinyColors", "--model_name_or_path", str(clip_dir), "--data_dir", str(data_dir),
         "--output_dir", str(out), "--max_steps", "8", "--per_device_train_batch_size", str(16 // processes),
         "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1", "--use_cpu",
         "--disable_tqdm", "true", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp / "hf_home"), "PYTHONPATH": str(REPO)}
-    with open(tmp / "log.txt", "w") as log:  # the child keeps its own copy of the file descriptor
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    return process, out
+    return Launch(command, env, tmp / "log.txt"), out
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +50,15 @@ def runs(tmp_path_factory, tiny_clip_dir, tiny_task_data_dir):
     """The 1-process ASAM run and the 2-process SAM run, started side by side to save wall time."""
     tmp1, tmp2 = tmp_path_factory.mktemp("train_1proc"), tmp_path_factory.mktemp("train_2proc")
     started = {
-        "single": (tmp1, *_launch(tmp1, tiny_clip_dir, tiny_task_data_dir, 1)),
+        "single": _launch(tmp1, tiny_clip_dir, tiny_task_data_dir, 1),
         # logging_steps above max_steps: the first and the last step must still be logged
-        "two": (tmp2, *_launch(tmp2, tiny_clip_dir, tiny_task_data_dir, 2, "--sam_adaptive", "false", "--sam_rho", "0.05",
-                               "--logging_steps", "100")),
+        "two": _launch(tmp2, tiny_clip_dir, tiny_task_data_dir, 2, "--sam_adaptive", "false", "--sam_rho", "0.05",
+                       "--logging_steps", "100"),
     }  # fmt: skip
     outputs = {}
-    for name, (tmp, process, out) in started.items():
-        returncode = process.wait(timeout=300)
-        log = (tmp / "log.txt").read_text()
-        assert returncode == 0, f"{name} run failed:\n{log[-6000:]}"
+    for name, (launch, out) in started.items():
+        returncode = launch.wait()
+        assert returncode == 0, f"{name} run failed:\n{launch.output()[-6000:]}"
         outputs[name] = out
     return outputs
 

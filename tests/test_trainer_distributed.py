@@ -2,9 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,35 +9,17 @@ import torch
 from safetensors.torch import load_file
 
 from saft_hf import SAMTrainer
+from tests.launching import launcher, run
 from tests.sam_toy import ToyClassifier, sgd_args, toy_dataset
 
 SCRIPT = Path(__file__).with_name("dist_sam_run.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, ascent: str, *mode: str) -> list[dict[str, torch.Tensor]]:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for _attempt in range(3):  # the free port can be taken by another process before torch binds it
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), str(SCRIPT), str(out), ascent, "4", "4", *mode,
-        ]
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-        except subprocess.TimeoutExpired:  # a stolen rendezvous port can also leave one rank waiting forever
-            continue
-        if result.returncode == 0 or "address already in use" not in result.stderr.lower():
-            break
-    else:
-        pytest.fail("the 2-process run timed out or lost its port three times")
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    code, output = run([*launcher(2), str(SCRIPT), str(out), ascent, "4", "4", *mode], env, out.parent / "launch.log")
+    assert code == 0, output[-6000:]
     assert json.loads((out / "world.json").read_text())["world_size"] == 2
     return [load_file(out / f"rank{r}.safetensors") for r in range(2)]
 
