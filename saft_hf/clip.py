@@ -78,7 +78,8 @@ class ZeroShotHead(nn.Module):
 
     def forward(self, image_embeds: Tensor) -> Tensor:
         features = F.normalize(image_embeds, dim=-1)
-        return self.logit_scale.to(features.dtype) * features @ self.weight.to(features.dtype).t()
+        weight, scale = (t.to(features.device, features.dtype) for t in (self.weight, self.logit_scale))
+        return scale * features @ weight.t()  # follows the features' device, e.g. a tower moved to cuda
 
     @classmethod
     def from_prototypes(
