@@ -52,7 +52,7 @@ class MergeJob:
     evaluate: bool = False
     data_dir: str | os.PathLike | None = None
     max_eval_samples: int | None = None
-    batch_size: int = 64
+    batch_size: int = 128  # evaluation batch: fills a GPU for ViT-B/32, fine on a CPU
     device: str = "auto"  # CUDA when available, else CPU (resolved by validate)
     overwrite: bool = False
     push_to_hub: str | None = None
