@@ -22,6 +22,11 @@ that also starts persistent workers), batch 32, CLIP ViT-B/32's ``CLIPImageProce
 - ``new (default, normalised on the device)``: the default again without the CPU ``PixelNormalizer``, as
   a GPU run has it (the normaliser is then part of the model's forward). Added after the first run, which
   showed the CPU normaliser's share on small images; the targets above it were not changed.
+Beside images/s, each row gives the CPU milliseconds per image of the main process and of the workers
+(psutil, over the timed epochs), and "with a core of its own" = 1000 ÷ the workers' CPU ms per image:
+what one worker delivers when nothing else wants its core, for sizing a many-core GPU host. On a shared,
+overloaded machine the wall-clock figures swing with the other load; the CPU figures much less. (CPU
+accounting too was added after the first two runs, for that reason.)
 
 λ search: decodes per validation image over 20 evaluation passes (the default grid), with
 ``CachedBatches`` of before issue 17 (fp32 cache, re-reads every batch once its budget is exceeded) and
@@ -47,10 +52,12 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil  # installed with accelerate
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
 from PIL import Image as PILImage
@@ -112,25 +119,46 @@ def write_fixture(root: Path, task: str, count: int) -> Path:
     return folder
 
 
-def epochs_per_second(loader: DataLoader, normalize: Any, repeats: int) -> float:
-    """Median images/s over ``repeats`` full epochs, after one untimed warm-up epoch."""
-    rates = []
+@dataclass
+class Rate:
+    """Median wall-clock images/s of the timed epochs, and CPU milliseconds per image, main process and workers."""
+
+    images_per_s: float
+    main_ms: float
+    workers_ms: float
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    return sum(sum(process.cpu_times()[:2]) for process in processes)
+
+
+def measure(loader: DataLoader, normalize: Any, repeats: int) -> Rate:
+    """``repeats`` full epochs after one untimed warm-up epoch (which also starts persistent workers)."""
+    main = psutil.Process()
+    rates, seen_total = [], 0
+    workers: list[psutil.Process] = []
     for epoch in range(repeats + 1):
+        if epoch == 1:
+            workers = main.children(recursive=True)  # the DataLoader's persistent workers, if any
+            main_cpu, workers_cpu = _cpu_seconds([main]), _cpu_seconds(workers)
         start, seen = time.perf_counter(), 0
         for batch in loader:
             normalize(batch["pixel_values"])
             seen += len(batch["labels"])
         if epoch:
             rates.append(seen / (time.perf_counter() - start))
-    return statistics.median(rates)
+            seen_total += seen
+    main_ms = (_cpu_seconds([main]) - main_cpu) * 1000 / seen_total
+    workers_ms = (_cpu_seconds(workers) - workers_cpu) * 1000 / seen_total if workers else 0.0
+    return Rate(statistics.median(rates), main_ms, workers_ms)
 
 
-def training_rates(train: Dataset, processor: Any, repeats: int, workers: list[int]) -> dict[Any, float]:
-    """images/s of today's path, of the new one at each worker count, and at the default without the CPU normaliser."""
-    rates = {}
+def training_rates(train: Dataset, processor: Any, repeats: int, workers: list[int]) -> dict[Any, Rate]:
+    """Today's path, the new one at each worker count, and the default without the CPU normaliser."""
+    rates: dict[Any, Rate] = {}
     today = with_image_transform(train, processor)
     loader = DataLoader(today, batch_size=BATCH, shuffle=True, collate_fn=collate_image_batch, num_workers=0)
-    rates["today (0 workers)"] = epochs_per_second(loader, lambda pixels: pixels, repeats)
+    rates["today"] = measure(loader, lambda pixels: pixels, repeats)
     new = with_image_transform(train, processor, uint8=True, draft=True)
     normalize = PixelNormalizer.from_processor(processor)
     default = default_num_workers()
@@ -139,7 +167,7 @@ def training_rates(train: Dataset, processor: Any, repeats: int, workers: list[i
             new, batch_size=BATCH, shuffle=True, collate_fn=collate_image_batch, num_workers=count,
             persistent_workers=count > 0, pin_memory=torch.cuda.is_available(),
         )  # fmt: skip
-        rates[(count, on_device)] = epochs_per_second(loader, (lambda pixels: pixels) if on_device else normalize, repeats)
+        rates[(count, on_device)] = measure(loader, (lambda pixels: pixels) if on_device else normalize, repeats)
         del loader  # its persistent workers end here
     return rates
 
@@ -229,14 +257,17 @@ def main(argv: list[str] | None = None) -> None:
             files = {s: str(folder / "data" / f"{s}-00000-of-00001.parquet") for s in ("train", "test")}
             raw = load_dataset("parquet", data_files=files, cache_dir=str(root / "cache"))
             rates = training_rates(raw["train"], processor, repeats, workers)
-            today = rates.pop("today (0 workers)")
+            today = rates.pop("today")
             print(f"\n{task}: {len(raw['train'])} train images")
-            print(f"  today (main process, float, 0 workers): {today:8.1f} images/s")
+            print(f"  {'today (main process, float, 0 workers)':40s}: {today.images_per_s:7.1f} images/s; "
+                  f"CPU per image {today.main_ms:5.1f} ms")  # fmt: skip
             for (count_, on_device), rate in rates.items():
                 label = f"new ({count_} worker{'s' if count_ != 1 else ''}{', default' if count_ == default else ''})"
                 label = "new (default, normalised on the device)" if on_device else label
-                per_worker = f", {rate / count_:6.1f} per worker" if count_ else ""
-                print(f"  {label:38s}: {rate:8.1f} images/s ({rate / today:4.2f}× today{per_worker})")
+                sizing = (f"; per worker {rate.images_per_s / count_:6.1f} images/s, with a core of its own "
+                          f"{1000 / rate.workers_ms:6.1f}") if count_ else ""  # fmt: skip
+                print(f"  {label:40s}: {rate.images_per_s:7.1f} images/s ({rate.images_per_s / today.images_per_s:4.2f}× "
+                      f"today); CPU per image {rate.main_ms:5.1f} ms main + {rate.workers_ms:5.1f} ms workers{sizing}")  # fmt: skip
             old, new, old_s, new_s = search_decodes(raw["test"].select(range(min(len(raw["test"]), 256))), processor)
             print(f"  20-λ search, decodes per validation image: before {old:.0f}, now {new:.0f} "
                   f"(input time {old_s:.1f} s → {new_s:.1f} s)")  # fmt: skip

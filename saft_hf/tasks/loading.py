@@ -332,6 +332,11 @@ class PixelNormalizer(nn.Module):
 def _attach(dataset: Dataset, transform_args: dict[str, Any], image_column: str, label_column: str) -> Dataset:
     feature = dataset.features[image_column]
     if transform_args.get("uint8"):
+        if not isinstance(feature, Image):
+            raise ValueError(
+                f"column {image_column!r} is {feature!r}, not an image; cast it with "
+                f"dataset.cast_column({image_column!r}, datasets.Image()) before attaching the uint8 transform."
+            )
         # decoded in the transform instead (draft mode needs the bytes, not datasets' decoded image)
         transform_args = {**transform_args, "image_feature": Image(mode=feature.mode)}
         dataset = dataset.cast_column(image_column, Image(mode=feature.mode, decode=False))
