@@ -157,13 +157,14 @@ def test_cached_batches_decode_in_workers_once_and_keep_uint8(tiny_task_data_dir
     _count_decodes(monkeypatch, log := tmp_path / "decodes.txt")
     processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
     test = load_task("TinyPatterns", tiny_task_data_dir, processor, uint8=True)["test"]
+    before = set(multiprocessing.active_children())
     batches = CachedBatches(test, batch_size=5, num_workers=2)
     first = list(batches)
     for _ in range(3):
         assert all(torch.equal(a[0], b[0]) for a, b in zip(first, batches))
     assert _decodes(log) == len(test) == 32
     assert {pixels.dtype for pixels, _ in batches._cached} == {torch.uint8}
-    assert multiprocessing.active_children() == []  # the first pass's workers are gone
+    assert set(multiprocessing.active_children()) <= before  # the first pass's workers are gone
 
 
 def test_cache_budget_counts_uint8_bytes_and_later_passes_read_only_the_uncached_rest():
@@ -215,10 +216,11 @@ def test_training_with_persistent_workers_leaves_no_process_behind(tiny_clip_dir
          "--disable_tqdm", "true"]
     )  # fmt: skip
     assert training_args.dataloader_persistent_workers and training_args.per_device_eval_batch_size == 128
+    before = set(multiprocessing.active_children())
     results = train_saft.train_task("TinyColors", script_args, training_args)
     assert 0.0 <= results["test_accuracy"] <= 1.0
     gc.collect()
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_zero_workers_turns_persistent_workers_off(tiny_clip_dir, tiny_task_data_dir, tmp_path):
