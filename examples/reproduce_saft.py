@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import HfArgumentParser
 
 from saft_hf.merging import METHODS, get_method
-from saft_hf.pipeline import MergeJob, run_merge_job
+from saft_hf.pipeline import MergeJob, resolve_device, run_merge_job
 from saft_hf.reproduce import (
     MARKER_NAME,
     StageMismatchError,
@@ -105,7 +104,11 @@ class ReproduceArguments:
         default=None, metadata={"help": "Merges: at most this many validation/test examples per task."}
     )
     merge_batch_size: int = field(default=128, metadata={"help": "Batch size of the merges' evaluations."})
-    merge_device: str | None = field(default=None, metadata={"help": "Device for merging (default: cuda if present)."})
+    merge_device: str = field(
+        default="auto",
+        metadata={"help": "Device of the merges' λ search, evaluation and AdaMerging: auto (cuda when present, else "
+                  "cpu), cpu, cuda or cuda:N."},
+    )  # fmt: skip
     keep_checkpoints: bool = field(
         default=False, metadata={"help": "Keep each finished fine-tune's Trainer checkpoints (deleted by default)."}
     )
@@ -114,7 +117,7 @@ class ReproduceArguments:
 def build_parser() -> HfArgumentParser:
     """Parser over the reproduction and training arguments, with the paper's defaults."""
     parser = HfArgumentParser((ReproduceArguments, SAMTrainingArguments), description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**REPRODUCE_DEFAULTS)
+    parser.set_defaults(**REPRODUCE_DEFAULTS, **train_saft.INPUT_DEFAULTS)  # input path: not a stage setting
     return parser
 
 
@@ -135,6 +138,10 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
         names = [resolve_task(task, args.data_dir).name for task in args.tasks]
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise UsageError(err.args[0] if err.args else str(err)) from None
+    try:
+        resolve_device(args.merge_device)  # a missing CUDA stops here, not after days of fine-tuning
+    except ValueError as error:
+        raise UsageError(str(error).replace("--device", "--merge_device")) from None
     if len(set(names)) != len(names) or len(names) < 2:
         raise UsageError(f"--tasks must name at least two different tasks to merge, got {args.tasks!r}.")
     return names
@@ -252,7 +259,7 @@ def run_merges(
     bars: bool = True,
 ) -> dict[str, dict[str, dict]]:
     """Merge each variant's task vectors with each method (λ searched on validation), evaluated on test."""
-    device = args.merge_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.merge_device))
     merges: dict[str, dict[str, dict]] = {}
     for variant in args.variants:
         vectors = [root / "finetune" / variant / task / "task_vector" for task in tasks]

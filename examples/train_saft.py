@@ -45,7 +45,15 @@ from saft_hf.io_utils import apply_umask_modes, replace_dir
 from saft_hf.metrics import load_accuracy
 from saft_hf.task_vector_io import provenance_config
 from saft_hf.task_vectors import TaskVector
-from saft_hf.tasks import DATA_DIR_ENV, TASKS, TaskSpec, load_task, resolve_task
+from saft_hf.tasks import (
+    DATA_DIR_ENV,
+    TASKS,
+    PixelNormalizer,
+    TaskSpec,
+    default_num_workers,
+    load_task,
+    resolve_task,
+)
 from saft_hf.trainer import SAMTrainer, SAMTrainingArguments
 
 # SAFT paper defaults (Sec. 5 / released code); applied with parser.set_defaults so the CLI overrides them.
@@ -68,6 +76,13 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "logging_first_step": True,
 }
 NOT_HYPERPARAMETERS = ("remove_unused_columns", "save_strategy", "report_to", "logging_steps", "logging_first_step")
+# The input path of a GPU run, not hyperparameters: decode + resize in DataLoader workers (one per core
+# left over, at most 16), kept across epochs; evaluation batches that fill a GPU. All overridable.
+INPUT_DEFAULTS: dict[str, Any] = {
+    "dataloader_num_workers": default_num_workers(),
+    "dataloader_persistent_workers": True,
+    "per_device_eval_batch_size": 128,
+}
 
 
 # The cheap-SAM settings (SAMTrainingArguments), recorded with the run's hyperparameters.
@@ -156,7 +171,7 @@ class LogLastStepCallback(TrainerCallback):
 def build_parser() -> HfArgumentParser:
     """Parser over the script and training arguments, with the paper's defaults."""
     parser = HfArgumentParser((ScriptArguments, SAMTrainingArguments), description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**PAPER_DEFAULTS)
+    parser.set_defaults(**PAPER_DEFAULTS, **INPUT_DEFAULTS)
     return parser
 
 
@@ -168,6 +183,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SAMTrain
         raise UsageError(f"{err} See --help.") from err
     if script_args.standard:
         training_args.sam_rho = 0.0
+    if training_args.dataloader_num_workers == 0:  # --dataloader_num_workers 0: no workers to keep
+        training_args.dataloader_persistent_workers = False
     return script_args, training_args
 
 
@@ -382,14 +399,15 @@ def train_task(
         base = resolve_base(script_args.model_name_or_path, cache_dir=script_args.cache_dir)
         processor = AutoImageProcessor.from_pretrained(base.directory)
         # data first: a task whose data fails to load leaves no head file behind in the output folder
-        data = load_task(spec, script_args.data_dir, processor, cache_dir=script_args.cache_dir)
+        # uint8 from the workers (JPEG draft decoding for train only), normalised on the device by the model
+        data = load_task(spec, script_args.data_dir, processor, cache_dir=script_args.cache_dir, uint8=True, draft=True)
         head = load_or_build_head(spec, base, head_dir)
     vision = load_base_vision_tower(base)
     lora = lora_settings(script_args)
     pretrained = {name: tensor.detach().clone() for name, tensor in vision.state_dict().items()} if lora is None else {}
     if lora is not None:
         vision = add_lora(vision, lora)
-    model = CLIPImageClassifier(vision, head)
+    model = CLIPImageClassifier(vision, head, PixelNormalizer.from_processor(processor))
 
     restore_steps = absolute_steps(training_args)
     trainer = SAMTrainer(
@@ -411,10 +429,12 @@ def train_task(
             data["test"],
             batch_size=training_args.per_device_eval_batch_size,
             max_samples=script_args.max_test_samples,
+            num_workers=training_args.dataloader_num_workers,
         )
         # recorded for saft-merge --select normalized, which must choose λ on validation data only
         validation_accuracy = evaluate_accuracy(
-            model, data["validation"], batch_size=training_args.per_device_eval_batch_size
+            model, data["validation"], batch_size=training_args.per_device_eval_batch_size,
+            num_workers=training_args.dataloader_num_workers,
         )
         if lora is None:
             model.save_pretrained(output_dir)

@@ -32,6 +32,8 @@ _LAZY: dict[str, str] = {
     "TaskSpec": "tasks",
     "load_task": "tasks",
     "register_task": "tasks",
+    "PixelNormalizer": "tasks",
+    "default_num_workers": "tasks",
     "ZeroShotHead": "clip",
     "build_zero_shot_head": "clip",
     "CLIPImageClassifier": "clip",
@@ -46,6 +48,7 @@ _LAZY: dict[str, str] = {
     "AdaMergingResult": "merging",
     "MergeJob": "pipeline",
     "run_merge_job": "pipeline",
+    "resolve_device": "pipeline",
     # analysis
     "weight_disentanglement": "analysis",
     "cross_task_linearity": "analysis",

@@ -78,7 +78,8 @@ class ZeroShotHead(nn.Module):
 
     def forward(self, image_embeds: Tensor) -> Tensor:
         features = F.normalize(image_embeds, dim=-1)
-        return self.logit_scale.to(features.dtype) * features @ self.weight.to(features.dtype).t()
+        weight, scale = (t.to(features.device, features.dtype) for t in (self.weight, self.logit_scale))
+        return scale * features @ weight.t()  # follows the features' device, e.g. a tower moved to cuda
 
     @classmethod
     def from_prototypes(
@@ -234,7 +235,11 @@ class CLIPImageClassifier(nn.Module):
     # the loss by the number of processes, expecting the model to normalise by the global count.
     accepts_loss_kwargs = False
 
-    def __init__(self, vision_model: CLIPVisionModelWithProjection, head: ZeroShotHead) -> None:
+    def __init__(
+        self, vision_model: CLIPVisionModelWithProjection, head: ZeroShotHead, normalizer: nn.Module | None = None
+    ) -> None:
+        """``normalizer`` (a ``saft_hf.tasks.PixelNormalizer``) turns uint8 ``pixel_values`` into the tower's
+        input on the device, so workers hand over uint8; float ``pixel_values`` are used as they are."""
         super().__init__()
         projection_dim = vision_model.config.projection_dim
         if head.embed_dim != projection_dim:
@@ -244,6 +249,7 @@ class CLIPImageClassifier(nn.Module):
             )
         self.vision_model = vision_model
         self.head = head
+        self.normalizer = normalizer
 
     @property
     def config(self) -> Any:
@@ -254,6 +260,13 @@ class CLIPImageClassifier(nn.Module):
         return self.head.classnames
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> SequenceClassifierOutput:
+        if pixel_values.dtype == torch.uint8:
+            if self.normalizer is None:
+                raise ValueError(
+                    "got uint8 pixel_values but the classifier has no normalizer; build it with "
+                    "CLIPImageClassifier(vision, head, PixelNormalizer.from_processor(image_processor))."
+                )
+            pixel_values = self.normalizer(pixel_values)
         image_embeds = self.vision_model(pixel_values=pixel_values).image_embeds
         logits = self.head(image_embeds)
         loss = F.cross_entropy(logits, labels) if labels is not None else None

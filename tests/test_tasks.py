@@ -156,3 +156,121 @@ def test_bad_task_spec_json_names_the_unknown_key(tmp_path):
     path.write_text(json.dumps({"name": "X", "classnames": ["a"], "templates": ["{}"], "colour": "red"}))
     with pytest.raises(ValueError, match="colour"):
         TaskSpec.from_json(path)
+
+
+# ----------------------------------------------------------------------------- label order by name
+def test_class_label_names_in_another_order_are_an_error_naming_the_first_difference(tmp_path):
+    features = {"image": Image(), "label": ClassLabel(names=["red", "blue", "green"])}
+    spec = {"name": "Order", "classnames": ["red", "green", "blue"], "templates": ["a {}"]}
+    _save(tmp_path, "Order", features, {"image": _images(20), "label": [0, 1] * 10}, spec)
+    with pytest.raises(ValueError, match=r"label 1 of .* is 'blue' .* but 'green' in the task's class names"):
+        load_task("Order", data_dir=tmp_path)
+
+
+def test_class_label_names_match_ignoring_case_underscores_hyphens_and_spaces(tmp_path):
+    features = {"image": Image(), "label": ClassLabel(names=["Annual_Crop-Land", "forest", "Type-S  car"])}
+    spec = {"name": "Wording", "classnames": ["annual crop land", "Forest", "type s car"], "templates": ["a {}"]}
+    _save(tmp_path, "Wording", features, {"image": _images(20), "label": [0, 2] * 10}, spec)
+    assert len(load_task("Wording", data_dir=tmp_path)["test"]) == 20
+
+
+def test_integer_labels_and_count_only_class_labels_are_checked_by_count(tmp_path):
+    spec = {"name": "Ints", "classnames": ["cat", "dog"], "templates": ["a {}"]}
+    _save(tmp_path, "Ints", {"image": Image(), "label": Value("int64")}, {"image": _images(20), "label": [0, 1] * 10}, spec)
+    assert len(load_task("Ints", data_dir=tmp_path)["train"]) == 18
+    spec = {"name": "Counted", "classnames": ["cat", "dog"], "templates": ["a {}"]}
+    features = {"image": Image(), "label": ClassLabel(num_classes=2)}  # names "0", "1": no order to check
+    _save(tmp_path, "Counted", features, {"image": _images(20), "label": [0, 1] * 10}, spec)
+    assert len(load_task("Counted", data_dir=tmp_path)["train"]) == 18
+
+
+# the first ClassLabel names of the real Hub datasets (../shared/REAL_HUB.md, section 3)
+REAL_FIRST_NAMES = {
+    "Cars": ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012", "Acura TL Type-S 2008",
+             "Acura TSX Sedan 2012"],
+    "RESISC45": ["airplane", "airport", "baseball diamond", "basketball court", "beach"],
+    "GTSRB": [f"red and white circle {n} kph speed limit" for n in (20, 30, 50, 60, 70)],
+    "EuroSAT": ["annual crop land", "forest", "brushland or shrubland", "highway or road",
+                "industrial buildings or commercial buildings"],
+    "DTD": ["banded", "blotchy", "braided", "bubbly", "bumpy"],
+    "SUN397": ["abbey", "airplane cabin", "airport terminal", "alley", "amphitheater"],
+    "MNIST": [str(i) for i in range(5)],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", sorted(REAL_FIRST_NAMES))
+def test_registry_class_names_pass_the_order_check_against_the_real_datasets_first_names(task):
+    from saft_hf.tasks.loading import _check_label_names
+
+    spec = TASKS[task]
+    real = ClassLabel(names=REAL_FIRST_NAMES[task] + list(spec.classnames[5:]))  # the rest as our registry has it
+    _check_label_names(spec, real, spec.dataset_id)
+    swapped = ClassLabel(names=[real.names[1], real.names[0], *real.names[2:]])
+    with pytest.raises(ValueError, match="label 0 of"):
+        _check_label_names(spec, swapped, spec.dataset_id)
+
+
+# ----------------------------------------------------------------------------- download only what runs
+CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
+
+
+def _hub_like_repo(root, layout: str, extra_splits, config_yaml: str | None = None):
+    """A dataset repo laid out as the real ones (``<layout>/<split>-00000-of-00001.parquet``); the extra splits'
+    files are not parquet at all, so reading or preparing any of them fails."""
+    features = Features({"image": Image(), "label": ClassLabel(names=["red", "green"])})
+    (root / layout).mkdir(parents=True)
+    for split, rows in (("train", 30), ("test", 10)):
+        data = {"image": _images(rows), "label": [i % 2 for i in range(rows)]}
+        Dataset.from_dict(data, features=features).to_parquet(str(root / layout / f"{split}-00000-of-00001.parquet"))
+    for split in extra_splits:
+        (root / layout / f"{split}-00000-of-00001.parquet").write_bytes(b"not parquet: this split must never be read")
+    if config_yaml:
+        (root / "README.md").write_text(config_yaml)
+    return root
+
+
+def _prepared_files(cache) -> list[str]:
+    return sorted(p.name for p in cache.rglob("*.arrow"))
+
+
+def test_only_the_train_and_test_splits_are_prepared_not_the_corruption_splits(tmp_path):
+    repo = _hub_like_repo(tmp_path / "stanford_cars", "data", CORRUPTIONS)
+    (repo / "task_spec.json").write_text(json.dumps({"name": "CarsLike", "classnames": ["red", "green"],
+                                                     "templates": ["a {}"]}))  # fmt: skip
+    cache = tmp_path / "cache"
+    data = load_task("CarsLike", data_dir=repo, cache_dir=cache)
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (27, 3, 10)
+    prepared = _prepared_files(cache)
+    assert prepared and all("train" in name or "test" in name for name in prepared), prepared
+
+
+def test_a_named_config_with_an_extra_split_loads_without_reading_extra(tmp_path):
+    yaml = (
+        "---\nconfigs:\n- config_name: cropped_digits\n  data_files:\n"
+        + "".join(f"  - split: {s}\n    path: cropped_digits/{s}-*\n" for s in ("train", "test", "extra"))
+        + "---\n"
+    )
+    repo = _hub_like_repo(tmp_path / "svhn", "cropped_digits", ["extra"], yaml)
+    spec = TaskSpec("SvhnLike", str(repo), ("red", "green"), ("a {}",), config="cropped_digits")
+    register_task(spec)
+    try:
+        cache = tmp_path / "cache"
+        data = load_task("SvhnLike", cache_dir=cache)  # through the Hub code path: dataset_id, config
+        assert len(data["test"]) == 10
+        assert not any("extra" in name for name in _prepared_files(cache))
+    finally:
+        TASKS.unregister("SvhnLike")
+
+
+def test_a_repo_without_the_test_split_names_its_splits_before_downloading(tmp_path):
+    repo = tmp_path / "partial"
+    (repo / "data").mkdir(parents=True)
+    features = Features({"image": Image(), "label": ClassLabel(names=["red", "green"])})
+    Dataset.from_dict({"image": _images(10), "label": [0, 1] * 5}, features=features).to_parquet(
+        str(repo / "data" / "train-00000-of-00001.parquet")
+    )
+    (repo / "data" / "extra-00000-of-00001.parquet").write_bytes(b"never read")
+    (repo / "task_spec.json").write_text(json.dumps({"name": "Partial", "classnames": ["red", "green"],
+                                                     "templates": ["a {}"]}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"lacks split\(s\) \['test'\]; it has \['train', 'extra'\]"):
+        load_task("Partial", data_dir=repo, cache_dir=tmp_path / "cache")

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-samples", type=int, help="evaluate at most this many examples per task")
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default: 32)")
     parser.add_argument(
+        "--device", default="auto",
+        help="torch device of the model: auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )  # fmt: skip
+    parser.add_argument(
         "--output", required=True, help="output folder, written to a temporary folder beside it and renamed when complete"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
@@ -121,6 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = unwritable_output(args.output) or _missing_data_problem(args.data_dir)
     if problem is not None:
         parser.error(problem)
+    from ..pipeline.evaluation import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     if args.no_progress:
         disable_library_progress_bars()
 
@@ -141,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.base, pairs, tasks=args.tasks, others=others, data_dir=args.data_dir, split=args.split,
             max_samples=args.max_samples, batch_size=args.batch_size,
         )  # fmt: skip
+        inputs.model.to(device)  # θ₀ stays on the CPU; add_scaled_ writes onto the model's device
         labels = args.labels or pair_labels(list(inputs.pairs.values()), list(inputs.pairs))
         rename = dict(zip(inputs.pairs, labels))
         inputs.pairs = {rename[k]: v for k, v in inputs.pairs.items()}

@@ -127,8 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", help="local task data, one folder per task (default: $SAFT_DATA_DIR, else the Hub)"
     )
     evaluation.add_argument("--max-eval-samples", type=int, help="evaluate at most this many examples per task")
-    evaluation.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: 64)")
-    evaluation.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    evaluation.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (default: 128)")
+    evaluation.add_argument(
+        "--device", default="auto",
+        help="torch device for merging, λ search, evaluation and AdaMerging: auto (CUDA when available, else "
+        "CPU), cpu, cuda or cuda:N (default: auto)",
+    )  # fmt: skip
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument(
         "--output", required=True,

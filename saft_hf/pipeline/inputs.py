@@ -208,7 +208,7 @@ def load_split(
     """One split of a task, preprocessed lazily with the base model's image processor, cut to ``max_samples``."""
     from ..tasks import load_task
 
-    dataset = load_task(task, data_dir, image_processor=processor)[split]
+    dataset = load_task(task, data_dir, image_processor=processor, uint8=True)[split]  # normalised on the device
     if len(dataset) == 0:
         raise MergeJobError(f"the {split} split of task {task!r} is empty; nothing to evaluate on.")
     return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset

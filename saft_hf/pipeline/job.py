@@ -53,8 +53,8 @@ class MergeJob:
     evaluate: bool = False
     data_dir: str | os.PathLike | None = None
     max_eval_samples: int | None = None
-    batch_size: int = 64
-    device: str = "cpu"
+    batch_size: int = 128  # evaluation batch: fills a GPU for ViT-B/32, fine on a CPU
+    device: str = "auto"  # CUDA when available, else CPU (resolved by validate)
     overwrite: bool = False
     push_to_hub: str | None = None
     private: bool | None = None
@@ -95,6 +95,7 @@ class MergeJob:
         self._check_lambda()
         self._check_evaluation()
         self._check_adaptation()
+        self._check_device()
         output = Path(self.output)
         if output.exists() and not self.overwrite:
             raise MergeUsageError(
@@ -102,6 +103,15 @@ class MergeJob:
             )
         if output.exists() and not output.is_dir():
             raise MergeUsageError(f"--output {str(output)!r} is a file, not a folder; choose another path.")
+
+    def _check_device(self) -> None:
+        """Resolve ``device`` ("auto" → cuda or cpu) here, so a missing CUDA is a usage error before any download."""
+        from .evaluation import resolve_device
+
+        try:
+            self.device = str(resolve_device(self.device))
+        except ValueError as error:
+            raise MergeUsageError(str(error)) from None
 
     def _check_repos(self) -> None:
         repos = [str(r).strip() for r in self.repos]
