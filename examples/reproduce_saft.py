@@ -135,13 +135,16 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
     try:
         for method in args.methods:
             get_method(method)  # raises naming the available methods
-        names = [resolve_task(task, args.data_dir).name for task in args.tasks]
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        raise UsageError(err.args[0] if err.args else str(err)) from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     try:
         resolve_device(args.merge_device)  # a missing CUDA stops here, not after days of fine-tuning
     except ValueError as error:
         raise UsageError(str(error).replace("--device", "--merge_device")) from None
+    try:
+        names = [resolve_task(task, args.data_dir).name for task in args.tasks]
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        raise UsageError(err.args[0] if err.args else str(err)) from None
     if len(set(names)) != len(names) or len(names) < 2:
         raise UsageError(f"--tasks must name at least two different tasks to merge, got {args.tasks!r}.")
     return names

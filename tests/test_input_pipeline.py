@@ -281,5 +281,5 @@ def test_reproduce_checks_the_merge_device_before_any_training(monkeypatch):
         args=["--output_dir", "unused", "--tasks", "TinyColors", "TinyPatterns", "--merge_device", "cuda"]
     )
     assert reproduce.ReproduceArguments.merge_device == "auto"
-    with pytest.raises(SystemExit, match="--merge_device 'cuda' asks for CUDA"):
+    with pytest.raises(reproduce.UsageError, match="--merge_device 'cuda' asks for CUDA"):
         reproduce.check_arguments(args)
