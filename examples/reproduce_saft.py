@@ -153,7 +153,9 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
 def parse_args(argv: list[str] | None) -> tuple[ReproduceArguments, SAMTrainingArguments]:
     """The command line as the two dataclasses; an unknown option or bad value is a ``UsageError``."""
     try:
-        return build_parser().parse_args_into_dataclasses(args=argv)
+        args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
+        train_saft.fit_input_settings(training_args)
+        return args, training_args
     except ValueError as err:  # e.g. "Some specified arguments are not used by the HfArgumentParser: [...]"
         hint = " (progress bars: --disable_tqdm true)" if "progress" in str(err) else ""
         raise UsageError(f"{err}{hint}. See --help for the options.") from None

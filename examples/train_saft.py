@@ -183,9 +183,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SAMTrain
         raise UsageError(f"{err} See --help.") from err
     if script_args.standard:
         training_args.sam_rho = 0.0
-    if training_args.dataloader_num_workers == 0:  # --dataloader_num_workers 0: no workers to keep
-        training_args.dataloader_persistent_workers = False
+    fit_input_settings(training_args)
     return script_args, training_args
+
+
+def fit_input_settings(training_args: SAMTrainingArguments) -> None:
+    """``--dataloader_num_workers 0`` leaves no workers to keep: persistence off (the DataLoader refuses it)."""
+    if training_args.dataloader_num_workers == 0:
+        training_args.dataloader_persistent_workers = False
 
 
 def lora_settings(script_args: ScriptArguments) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ This applies to base models only: task vectors, fine-tuned repos and adapters st
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -52,6 +53,7 @@ BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_mo
 CONVERSION_BOT = "SFconvertbot"
 CONVERSION_TITLE = "Adding `safetensors` variant of this model"
 DEMO_PREFIX = "saft-demo/"  # task vectors of saft-demo record their base as saft-demo/base-<key>
+CONVERSION_RECORD = "conversion.json"
 _PR_REF = re.compile(r"refs/pr/(\d+)$")
 
 SAFETENSORS, CONVERSION_BRANCH, PICKLED = "safetensors", "safetensors conversion branch", "pytorch_model.bin"
@@ -149,10 +151,14 @@ def conversion_branch(api: HfApi, repo_id: str) -> str | None:
     return max(found, key=lambda ref: int(_PR_REF.search(ref).group(1)), default=None)
 
 
-def _combined(repo_id: str, main_dir: Path, weights_dir: Path, weights_file: str) -> Path:
-    """A folder of links: main's config/tokenizer/processor files beside the conversion branch's weights."""
-    target = cache_root() / "bases" / repo_id.replace("/", "--") / f"{main_dir.name}+{weights_dir.name}"
-    if (target / weights_file).exists():
+def _combined(repo_id: str, main_dir: Path, weights_dir: Path, weights_file: str, branch: str) -> Path:
+    """A folder of links: main's config/tokenizer/processor files beside the conversion branch's weights.
+
+    Named ``<main commit>+<weights commit>`` with a ``conversion.json``, so an offline run finds the pairing
+    that was checked online.
+    """
+    target = _combined_root(repo_id) / f"{main_dir.name}+{weights_dir.name}"
+    if (target / weights_file).exists() and (target / CONVERSION_RECORD).is_file():
         return target
     sources = [p for p in main_dir.iterdir() if p.suffix in (".json", ".txt", ".md")]
     sources += [p for p in weights_dir.iterdir() if p.name in SAFETENSORS_FILES or p.suffix == ".safetensors"]
@@ -160,25 +166,35 @@ def _combined(repo_id: str, main_dir: Path, weights_dir: Path, weights_file: str
         for path in sources:  # the weights' index (if sharded) replaces nothing of main's: main has none
             (tmp / path.name).unlink(missing_ok=True)
             (tmp / path.name).symlink_to(path.resolve())
+        record = {"branch": branch, "weights_commit": weights_dir.name, "weights_file": weights_file}
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(record))
     return target
+
+
+def _combined_root(repo_id: str) -> Path:
+    return cache_root() / "bases" / repo_id.replace("/", "--")
 
 
 def _from_hub(repo_id: str, revision: str | None, token: str | None, cache_dir: str | None) -> BaseCheckpoint:
     api = HfApi(token=token)
     asked = revision or "main"  # downloads go by name, so the cache keeps the ref for offline use
-    files = {s.rfilename for s in api.model_info(repo_id, revision=asked).siblings or []}
+    info = api.model_info(repo_id, revision=asked)
+    files = {s.rfilename for s in info.siblings or []}
     kwargs = {"cache_dir": cache_dir}
     safetensors = next((f for f in SAFETENSORS_FILES if f in files), None)
     if safetensors:
         directory = _snapshot(repo_id, asked, META_PATTERNS + SAFETENSORS_PATTERNS, token, **kwargs)
         return BaseCheckpoint(repo_id, directory, SAFETENSORS, safetensors, revision, directory.name)
-    branch = conversion_branch(api, repo_id) if asked == "main" else None
+    # the conversion PR holds main's weights: it serves main, or a revision pinned to main's commit (as the
+    # task vectors record it), not an older commit
+    on_main = asked == "main" or info.sha == api.model_info(repo_id, revision="main").sha
+    branch = conversion_branch(api, repo_id) if on_main else None
     if branch is not None:
         weights_dir = _snapshot(repo_id, branch, SAFETENSORS_PATTERNS, token, **kwargs)
         weights_file = _present(weights_dir, SAFETENSORS_FILES)
         if weights_file:
             main_dir = _snapshot(repo_id, asked, META_PATTERNS, token, **kwargs)
-            directory = _combined(repo_id, main_dir, weights_dir, weights_file)
+            directory = _combined(repo_id, main_dir, weights_dir, weights_file, branch)
             return BaseCheckpoint(
                 repo_id, directory, CONVERSION_BRANCH, weights_file, revision, main_dir.name, branch, weights_dir.name
             )
@@ -203,22 +219,18 @@ def _cached(repo_id: str, revision: str, patterns: list[str], names: tuple[str, 
 
 
 def _from_cache(repo_id: str, revision: str | None, cache_dir: str | None) -> BaseCheckpoint:
-    """Offline: the same order over what the Hub cache holds (conversion branches found by their cached refs)."""
+    """Offline: the same order over what the caches hold (a conversion branch as paired online before)."""
     asked = revision or "main"
     hit = _cached(repo_id, asked, META_PATTERNS + SAFETENSORS_PATTERNS, SAFETENSORS_FILES, cache_dir)
     if hit:
         return BaseCheckpoint(repo_id, hit[0], SAFETENSORS, hit[1], revision, hit[0].name)
-    refs = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "refs" / "pr"
-    numbers = sorted((int(p.name) for p in refs.glob("*") if p.name.isdigit()), reverse=True) if refs.is_dir() else []
-    for number in numbers if asked == "main" else []:
-        branch = f"refs/pr/{number}"
-        weights = _cached(repo_id, branch, SAFETENSORS_PATTERNS, SAFETENSORS_FILES, cache_dir)
-        meta = _cached(repo_id, asked, META_PATTERNS, ("config.json",), cache_dir)
-        if weights and meta:
-            directory = _combined(repo_id, meta[0], weights[0], weights[1])
-            return BaseCheckpoint(
-                repo_id, directory, CONVERSION_BRANCH, weights[1], revision, meta[0].name, branch, weights[0].name
-            )
+    refs = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs"
+    commit = (refs / asked).read_text().strip() if asked == "main" and (refs / asked).is_file() else asked
+    for folder in sorted(_combined_root(repo_id).glob(f"{commit}+*")):  # pairings checked online before
+        record = json.loads((folder / CONVERSION_RECORD).read_text()) if (folder / CONVERSION_RECORD).is_file() else {}
+        if record and (folder / record["weights_file"]).exists():
+            return BaseCheckpoint(repo_id, folder, CONVERSION_BRANCH, record["weights_file"], revision, commit,
+                                  record["branch"], record["weights_commit"])  # fmt: skip
     hit = _cached(repo_id, asked, META_PATTERNS + BIN_PATTERNS, BIN_FILES, cache_dir)
     if hit:
         return BaseCheckpoint(repo_id, hit[0], PICKLED, hit[1], revision, hit[0].name)

@@ -51,6 +51,7 @@ def hub_env(hub_server: LoopbackHub, tmp_path: Path, monkeypatch: pytest.MonkeyP
         "TRANSFORMERS_OFFLINE": "0",
         "HF_HUB_DISABLE_XET": "1",
         "HF_TOKEN": FAKE_TOKEN,
+        "SAFT_HF_CACHE": str(hf_home / "saft"),  # conversion-branch pairings of bases, per test
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

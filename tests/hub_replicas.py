@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save as save_safetensors
@@ -115,3 +116,51 @@ def bin_only_base_files(clip_dir: Path) -> dict[str, bytes]:
     files = {name: (clip_dir / name).read_bytes() for name in METADATA_FILES if (clip_dir / name).is_file()}
     files.update({"config.json": old_style_config(clip_dir), "pytorch_model.bin": _pickled_state(clip_state(clip_dir))})
     return files
+
+
+# ----------------------------------------------------------------------------- datasets
+def _parquet(dataset: Any) -> bytes:
+    buffer = io.BytesIO()
+    dataset.to_parquet(buffer)
+    return buffer.getvalue()
+
+
+def publish_dataset(
+    hub: LoopbackHub,
+    repo_id: str,
+    splits: dict[str, Any],
+    *,
+    config: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """A dataset repo as the real ones are after their parquet conversion: one shard per split under
+    ``data/`` (or ``<config>/`` with a README ``configs:`` entry, as ``ylecun/mnist``); ``aliases`` are
+    the legacy ids (``mnist``, ``svhn``) that redirect to it, served here as copies."""
+    folder = config or "data"
+    files = {f"{folder}/{split}-00000-of-00001.parquet": _parquet(dataset) for split, dataset in splits.items()}
+    card = "---\n"
+    if config:
+        card += f"configs:\n- config_name: {config}\n  data_files:\n"
+        card += "".join(f"  - split: {split}\n    path: {config}/{split}-*\n" for split in splits)
+    card += "---\n"
+    for repo in (repo_id, *aliases):
+        hub.put_files(repo, {**files, "README.md": card.encode()}, repo_type="dataset")
+
+
+def image_dataset(class_names: list[str], per_class: int, seed: int, size: int = 32, mode: str = "RGB") -> Any:
+    """``image``/``label`` columns with a ``ClassLabel`` of ``class_names``: small noisy images, one hue a class."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(len(class_names)):
+        base = rng.integers(0, 255, size=3)
+        for _ in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype("uint8")
+            image = PILImage.fromarray(pixels)
+            images.append(image.convert(mode))
+            labels.append(label)
+    features = Features({"image": Image(), "label": ClassLabel(names=list(class_names))})
+    return Dataset.from_dict({"image": images, "label": labels}, features=features)

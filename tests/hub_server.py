@@ -153,10 +153,10 @@ class LoopbackHub:
                 })  # fmt: skip
             return commit
 
-    def downloads(self, repo_id: str) -> list[str]:
-        """Files fetched from ``repo_id`` through ``resolve`` (GET, not HEAD), as ``revision/path``."""
+    def downloads(self, repo_id: str, since: int = 0) -> list[str]:
+        """Files fetched from ``repo_id`` through ``resolve`` (GET, not HEAD) after request ``since``, as ``revision/path``."""
         found = []
-        for method, path in self.requests:
+        for method, path in self.requests[since:]:
             match = _RESOLVE.match(path)
             if method == "GET" and match and unquote(match.group("repo")) == repo_id:
                 found.append(f"{unquote(match.group('rev'))}/{unquote(match.group('path'))}")

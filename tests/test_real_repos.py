@@ -149,3 +149,98 @@ def test_saft_merge_searches_and_evaluates_fusionbench_towers_by_hub_id(
         expected = theta + lam * (published[0][1][key] + published[1][1][key]) if key in published[0][1] else theta
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
     assert not [f for f in hub_env.server.downloads(OPENAI_B32) if f.endswith((*DECOYS, ".bin"))]
+
+
+# ----------------------------------------------------------------------------- datasets and whole runs, by Hub id
+def _hub_subprocess_env(hub_env, tmp_path: Path) -> dict[str, str]:
+    """The loopback Hub for a child process: online, its own caches (datasets reads these at import)."""
+    import os
+
+    return {**os.environ, "HF_DATASETS_OFFLINE": "0", "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+            "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+
+
+def _publish_task_data(hub, names: list[str]) -> None:
+    """DTD (with a corruption split), MNIST (config ``mnist``) and SVHN (``cropped_digits`` with ``extra``)."""
+    from saft_hf.tasks import TASKS
+    from tests.hub_replicas import image_dataset, publish_dataset
+
+    layouts = {"DTD": ({"gaussian_noise": 1}, None, ()), "MNIST": ({}, "mnist", ("mnist",)),
+               "SVHN": ({"extra": 3}, "cropped_digits", ("svhn",))}  # fmt: skip
+    for index, name in enumerate(names):
+        extra, config, aliases = layouts[name]
+        classes = list(TASKS[name].classnames)
+        splits = {"train": image_dataset(classes, 4, index), "test": image_dataset(classes, 1, 10 + index)}
+        splits.update({split: image_dataset(classes, n, 20 + index) for split, n in extra.items()})
+        publish_dataset(hub, TASKS[name].dataset_id, splits, config=config, aliases=aliases)
+
+
+def _unused_downloads(hub, since: int) -> list[str]:
+    """Files fetched (after request ``since``) that a run never reads: TF/Flax decoys, the .bin, corruption and
+    ``extra`` splits."""
+    fetched = [f for repo in {r for _, r in hub.repos} for f in hub.downloads(repo, since)]
+    return [f for f in fetched if f.endswith((*DECOYS, ".bin")) or "/gaussian_noise-" in f or "/extra-" in f]
+
+
+@pytest.mark.slow
+def test_train_saft_fine_tunes_by_hub_id_downloading_only_what_it_reads(hub_env, tiny_clip_dir, tmp_path):
+    import subprocess
+    import sys
+
+    publish_openai_base(hub_env.server, tiny_clip_dir)
+    _publish_task_data(hub_env.server, ["SVHN"])
+    since = len(hub_env.server.requests)
+    out = tmp_path / "svhn"
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_saft.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--task", "SVHN", "--output_dir", str(out), "--max_steps", "2",
+         "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--warmup_steps", "0", "--use_cpu", "true",
+         "--disable_tqdm", "true", "--dataloader_num_workers", "0"],
+        env=_hub_subprocess_env(hub_env, tmp_path), capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    config = json.loads((out / "task_vector" / "task_vector_config.json").read_text())
+    assert config["base_model"] == OPENAI_B32 and config["base_weights"]["weights_revision"] == CONVERSION_PR
+    assert config["base_model_revision"] == hub_env.server.repos[("model", OPENAI_B32)].branches["main"]
+    assert json.loads((out / "results.json").read_text())["num_examples"]["test"] == 10
+    assert _unused_downloads(hub_env.server, since) == []
+
+
+@pytest.mark.slow
+def test_reproduce_saft_runs_by_hub_id_end_to_end(hub_env, tiny_clip_dir, tmp_path):
+    import subprocess
+    import sys
+
+    publish_openai_base(hub_env.server, tiny_clip_dir)
+    _publish_task_data(hub_env.server, ["DTD", "MNIST"])
+    since = len(hub_env.server.requests)
+    out = tmp_path / "repro"
+    script = Path(__file__).resolve().parents[1] / "examples" / "reproduce_saft.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--output_dir", str(out), "--tasks", "DTD", "MNIST", "--methods",
+         "task_arithmetic", "--grid", "0.5", "1.0", "--max_steps", "2", "--save_steps", "2",
+         "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--warmup_steps", "0", "--use_cpu", "true",
+         "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--merge_batch_size", "16"],
+        env=_hub_subprocess_env(hub_env, tmp_path), capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    results = json.loads((out / "results.json").read_text())
+    assert results and (out / "results.md").is_file()
+    merge = json.loads((out / "merges" / "saft" / "task_arithmetic" / "merge_config.json").read_text())
+    assert merge["base_model"]["id"] == OPENAI_B32 and merge["base_model"]["weights_revision"] == CONVERSION_PR
+    assert _unused_downloads(hub_env.server, since) == []
+
+
+def test_a_base_pinned_to_mains_commit_still_reads_the_conversion_branch_online_and_offline(
+    hub_env, tiny_clip_dir, monkeypatch
+):
+    """Task vectors record the base's main commit: that pin must not send the merge to the pickled file."""
+    from huggingface_hub import constants
+
+    publish_openai_base(hub_env.server, tiny_clip_dir)
+    main_sha = hub_env.server.repos[("model", OPENAI_B32)].branches["main"]
+    pinned = resolve_base(OPENAI_B32, revision=main_sha)
+    assert (pinned.weights, pinned.weights_revision, pinned.resolved_revision) == (CONVERSION_BRANCH, CONVERSION_PR, main_sha)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_base(OPENAI_B32, revision=main_sha).weights == CONVERSION_BRANCH
