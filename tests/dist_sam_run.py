@@ -1,5 +1,6 @@
 """Run by `accelerate launch` from tests/test_trainer_distributed.py: train the toy model, save each rank's weights."""
 
+import faulthandler
 import json
 import os
 import sys
@@ -15,6 +16,9 @@ from tests.sam_toy import ToyClassifier, sgd_args, toy_dataset  # noqa: E402
 
 
 def main() -> None:
+    # A rank stuck this long dumps every thread's stack to the launch log and exits, so a hang fails the test
+    # with its location instead of holding the suite (tests/launching.py kills whatever is left).
+    faulthandler.dump_traceback_later(float(os.environ.get("SAFT_TEST_RANK_TIMEOUT", "300")), exit=True)
     out, ascent, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     mode, interval = (sys.argv[5], int(sys.argv[6])) if len(sys.argv) > 6 else ("sam", 1)
     torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,11 @@ SCRIPT = Path(__file__).with_name("dist_sam_run.py")
 def _launch(out: Path, ascent: str, *mode: str) -> list[dict[str, torch.Tensor]]:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    code, output = run([*launcher(2), str(SCRIPT), str(out), ascent, "4", "4", *mode], env, out.parent / "launch.log")
+    command = [*launcher(2), str(SCRIPT), str(out), ascent, "4", "4", *mode]
+    code, output = run(command, env, out.parent / "launch.log", timeout=600)
+    if code != 0 and "Timeout (" in output:  # a rank stuck for 300 s dumped its stacks and left: one retry
+        warnings.warn(f"a 2-process toy run was stuck and is retried; its stacks:\n{output[-6000:]}", stacklevel=1)
+        code, output = run(command, env, out.parent / "launch-retry.log", timeout=600)
     assert code == 0, output[-6000:]
     assert json.loads((out / "world.json").read_text())["world_size"] == 2
     return [load_file(out / f"rank{r}.safetensors") for r in range(2)]
