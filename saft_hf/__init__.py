@@ -25,6 +25,10 @@ _LAZY: dict[str, str] = {
     "load_task_vector": "task_vectors",
     "load_task_vectors": "task_vectors",
     "load_base_state": "task_vectors",
+    # base models, read as transformers reads them
+    "BaseCheckpoint": "base_model",
+    "resolve_base": "base_model",
+    "load_base_vision_tower": "base_model",
     "push_task_vector": "hub",
     "make_model_card": "hub",
     # CLIP on the merging tasks
@@ -77,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .base_model import BaseCheckpoint, load_base_vision_tower, resolve_base  # noqa: F401
     from .hub import make_model_card, push_task_vector  # noqa: F401
     from .task_vector_io import provenance_config  # noqa: F401
     from .task_vectors import (  # noqa: F401

@@ -96,7 +96,8 @@ class BaseCheckpoint:
         where = f" from {self.weights_revision} (commit {self.weights_commit})" if self.weights_revision else ""
         pinned = f" at commit {self.resolved_revision}" if self.resolved_revision else ""
         how = " (transformers' weights_only loader)" if self.weights == PICKLED else ""
-        return f"base {self.id}{pinned}: {self.weights_file}{where}{how}"
+        name = Path(self.id).name if self.local and Path(self.id).is_dir() else self.id  # no path in published notes
+        return f"base {name}{pinned}: {self.weights_file}{where}{how}"
 
 
 def _present(directory: Path, names: tuple[str, ...]) -> str | None:

@@ -81,7 +81,7 @@ def test_task_arithmetic_writes_base_plus_lambda_sum_exactly(tiny_clip_dir: Path
     assert [r["repo"] for r in config["repos"]] == [d.name for d in vector_dirs]
     assert all(len(r["sha256"]) == 64 for r in config["repos"])
     assert config["base_model"]["id"] == tiny_clip_dir.name and config["base_model"]["weights_file"] == "model.safetensors"
-    published = (out / "merge_config.json").read_text() + (out / "README.md").read_text()
+    published = "".join(p.read_text() for p in out.rglob("*") if p.suffix in (".json", ".md"))
     assert str(tmp_path.parent) not in published and str(tiny_clip_dir) not in published
     assert sorted(os.listdir(out / "heads")) == sorted(TINY_TASKS) and (out / "preprocessor_config.json").is_file()
     assert ZeroShotHead.from_pretrained(out / "heads" / "TinyPatterns").classnames == TINY_TASKS["TinyPatterns"]
