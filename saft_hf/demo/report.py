@@ -18,6 +18,8 @@ LABELS = {
     "iso_cts": "Iso-CTS",
     "adamerging": "AdaMerging (layer-wise)",
 }
+# Per-task selection rows (the SAFT authors' protocol): each task at its own λ, not one merged model.
+LABELS.update({f"{m}@per-task": f"{LABELS[m]}, λ per task (not one model)" for m in list(LABELS)[2:-1]})
 
 
 def _methods(seeds: Sequence[Mapping[str, Any]]) -> list[str]:
