@@ -11,8 +11,8 @@ from transformers import CLIPVisionModelWithProjection
 
 from ..clip import ZeroShotHead
 from ..merging import SearchResult, merge, search_coefficients
-from ..merging.search import AUTHORS_GRID, AUTHORS_TIES_DENSITIES, evaluate_per_task, select_per_task
 from ..merging.adamerging import adamerging_coefficients
+from ..merging.search import AUTHORS_GRID, AUTHORS_TIES_DENSITIES, evaluate_per_task, select_per_task
 from ..task_vectors import add_scaled_
 from .config import DEMO_METHODS as METHODS  # noqa: F401  (re-exported)
 from .config import DemoArguments

@@ -23,7 +23,6 @@ from ..task_vectors import add_scaled_
 from .api import merge
 from .registry import DEFAULT_GRID, METHODS, MergeError, get_method
 
-
 # The SAFT authors' merging.py: task_arithmetic and ties_merging search λ over this grid per target task.
 AUTHORS_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 # Their ties_merging mask rates 0.7, 0.8, 0.9 zero the int(d * rate) smallest |τ| of each whole vector, i.e.
