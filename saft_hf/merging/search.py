@@ -26,7 +26,8 @@ from .registry import DEFAULT_GRID, METHODS, MergeError, get_method
 # The SAFT authors' merging.py: task_arithmetic and ties_merging search λ over this grid per target task.
 AUTHORS_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 # Their ties_merging mask rates 0.7, 0.8, 0.9 zero the int(d * rate) smallest |τ| of each whole vector, i.e.
-# keep the largest 30%, 20%, 10%: TIES density = 1 - mask rate (the same rank up to float rounding).
+# keep the largest 30%, 20%, 10%: TIES density = 1 - mask rate. Their threshold rank is floor(d * rate), ours
+# d - floor(d * density) = ceil(d * rate), so ours keeps at most one entry fewer per task vector.
 AUTHORS_TIES_MASK_RATES = (0.7, 0.8, 0.9)
 AUTHORS_TIES_DENSITIES = tuple(round(1.0 - r, 10) for r in AUTHORS_TIES_MASK_RATES)
 
