@@ -96,6 +96,13 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
     tasks = task_names(vectors)
     individual = _individual(vectors, tasks)
     notes: list[str] = []
+    if job.select == "per-task":  # the SAFT authors' protocol: a λ per task, not one merged model
+        from .per_task import run_per_task_job
+
+        revisions = job.revisions or [None] * len(vectors)
+        repos = [_repo_record(r, rev, v) for r, rev, v in zip(job.repos, revisions, vectors)]
+        return run_per_task_job(job, vectors, base, tasks, individual,
+                                lambda split: _evaluator(job, vectors, base, split), repos)  # fmt: skip
 
     search: SearchResult | None = None
     adaptation: AdaMergingResult | None = None
