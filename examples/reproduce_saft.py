@@ -9,6 +9,11 @@ Fine-tunes every task twice (``standard``, and ``saft`` = the paper's ASAM with 
 it stopped: finished fine-tunes and merges are skipped once their outputs check out, a killed fine-tune
 resumes from its last Trainer checkpoint (``--save_steps``). Training arguments such as
 ``--max_steps`` or ``--per_device_train_batch_size`` are passed through (``--help`` lists them).
+
+The default is the clean table: the paper's *text* recipe, one λ (one merged model) per method and variant.
+``--recipe authors-code --protocol authors`` gives the table the paper's released *code* would: its training
+loop and settings (train_saft.py --recipe authors-code) and a λ chosen per task on that task's validation
+split (not one merged model).
 """
 
 from __future__ import annotations
@@ -106,6 +111,23 @@ class ReproduceArguments:
     )
     merge_batch_size: int = field(default=128, metadata={"help": "Batch size of the merges' evaluations."})
     merge_device: str | None = field(default=None, metadata={"help": "Device for merging (default: cuda if present)."})
+    recipe: str = field(
+        default="paper-text",
+        metadata={"help": "Fine-tuning recipe, as train_saft.py --recipe: 'paper-text' (the paper's text) or "
+                  "'authors-code' (its released code: eta 0 on all, the authors' loop, augmentation, per-dataset "
+                  "epochs, best checkpoint kept beside the last).", "choices": ["paper-text", "authors-code"]},
+    )  # fmt: skip
+    protocol: str = field(
+        default="single",
+        metadata={"help": "λ selection: 'single' (one λ for all tasks: one merged model per method and variant) or "
+                  "'authors' (the released code's: each task's λ on its own validation split, their grids; "
+                  "saft-merge --select per-task; NOT one merged model).", "choices": ["single", "authors"]},
+    )  # fmt: skip
+    merge_checkpoint: str = field(
+        default="last",
+        metadata={"help": "Which fine-tuned checkpoint's task vector is merged: 'last' or, with --recipe "
+                  "authors-code, 'best' (on validation).", "choices": ["last", "best"]},
+    )  # fmt: skip
     keep_checkpoints: bool = field(
         default=False, metadata={"help": "Keep each finished fine-tune's Trainer checkpoints (deleted by default)."}
     )
@@ -113,8 +135,13 @@ class ReproduceArguments:
 
 def build_parser() -> HfArgumentParser:
     """Parser over the reproduction and training arguments, with the paper's defaults."""
+    return build_recipe_parser("paper-text")
+
+
+def build_recipe_parser(recipe: str) -> HfArgumentParser:
+    """The parser with ``recipe``'s training defaults (saft_hf.recipes) over the paper's."""
     parser = HfArgumentParser((ReproduceArguments, SAMTrainingArguments), description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**REPRODUCE_DEFAULTS)
+    parser.set_defaults(**{**REPRODUCE_DEFAULTS, **train_saft.RECIPE_DEFAULTS.get(recipe, {})})
     return parser
 
 
@@ -127,6 +154,8 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
         raise SystemExit(f"--methods must list at least one merge method, each once, got {args.methods!r}.")
     for method in args.methods:
         get_method(method)  # raises naming the available methods
+    if args.merge_checkpoint == "best" and args.recipe != "authors-code":
+        raise SystemExit("--merge_checkpoint best needs --recipe authors-code, which keeps the best epoch's task vector.")
     names = [resolve_task(task, args.data_dir).name for task in args.tasks]
     if len(set(names)) != len(names) or len(names) < 2:
         raise SystemExit(f"--tasks must name at least two different tasks to merge, got {args.tasks!r}.")
@@ -135,7 +164,8 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
 
 def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments, task: str) -> dict[str, Any]:
     """What a fine-tune's result depends on; a finished stage with other settings is not reused."""
-    keys = (*REPRODUCE_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "seed")
+    keys = (*REPRODUCE_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "sam_loop", "num_train_epochs",
+            "eval_strategy", "seed")  # fmt: skip
     # the batch a step sees, whatever the process count: a finished stage is reused on 1 or N processes
     skip = {"remove_unused_columns", "save_strategy", "save_steps", "save_total_limit", "report_to",
             "per_device_train_batch_size"}  # fmt: skip
@@ -144,7 +174,7 @@ def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments
         training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
     )
     return {"task": task, "model_name_or_path": args.model_name_or_path, "max_test_samples": args.max_test_samples,
-            **hyperparameters}  # fmt: skip
+            "recipe": args.recipe, **hyperparameters}  # fmt: skip
 
 
 def _clear_stale_outputs(stage_dir: Path) -> None:
@@ -193,6 +223,12 @@ def run_finetunes(
         for task in tasks:
             progress.start()
             stage_dir = root / "finetune" / variant / task
+            script_args = train_saft.ScriptArguments(
+                task=task, model_name_or_path=args.model_name_or_path, data_dir=args.data_dir,
+                cache_dir=args.cache_dir, max_test_samples=args.max_test_samples, recipe=args.recipe,
+            )  # fmt: skip
+            if args.recipe == "authors-code" and training_args.max_steps <= 0:
+                training_args.num_train_epochs = train_saft.authors_epochs(task, script_args)  # Q8
             settings = stage_settings(args, training_args, task)
             plan = [plan_finetune(stage_dir, settings) if state.is_main_process else None]
             plan = broadcast_object_list(plan)[0]
@@ -209,13 +245,10 @@ def run_finetunes(
                 print(f"fine-tune {name}: {plan['note']}; training {resume}", flush=True)
             training_args.output_dir = str(stage_dir)
             training_args.resume_from_checkpoint = checkpoint
-            script_args = train_saft.ScriptArguments(
-                task=task, model_name_or_path=args.model_name_or_path, data_dir=args.data_dir,
-                cache_dir=args.cache_dir, max_test_samples=args.max_test_samples,
-            )  # fmt: skip
             train_saft.train_task(task, script_args, training_args, callbacks=callbacks)
             if state.is_main_process:
-                write_marker(stage_dir, STAGE_OUTPUTS, settings, {"variant": variant})
+                outputs = [*STAGE_OUTPUTS, *(["task_vector_best"] if (stage_dir / "task_vector_best").is_dir() else [])]
+                write_marker(stage_dir, outputs, settings, {"variant": variant})
                 if not args.keep_checkpoints:
                     remove_checkpoints(stage_dir)
             state.wait_for_everyone()
@@ -239,7 +272,8 @@ def run_merges(
     device = args.merge_device or ("cuda" if torch.cuda.is_available() else "cpu")
     merges: dict[str, dict[str, dict]] = {}
     for variant in args.variants:
-        vectors = [root / "finetune" / variant / task / "task_vector" for task in tasks]
+        folder = "task_vector_best" if args.merge_checkpoint == "best" else "task_vector"
+        vectors = [root / "finetune" / variant / task / folder for task in tasks]
         inputs = fingerprint(root, [str(v.relative_to(root)) for v in vectors])
         merges[variant] = {}
         for method in args.methods:
@@ -247,14 +281,16 @@ def run_merges(
             spec = get_method(method)
             grid = args.grid if spec.scalable and spec.grid is None else None
             out = root / "merges" / variant / method
-            settings = {"method": method, "grid": grid, "select": args.select, "max_eval_samples": args.max_eval_samples,
+            # --protocol authors: a λ per task (saft-merge --select per-task) wherever there is a λ to choose
+            select = "per-task" if args.protocol == "authors" and spec.scalable else args.select
+            settings = {"method": method, "grid": grid, "select": select, "max_eval_samples": args.max_eval_samples,
                         "inputs": inputs}  # fmt: skip
             name = f"{method}/{variant}"
             marker, why = read_marker(out, settings, strict=False)
             if marker is None:
                 job = MergeJob(
                     repos=[str(v) for v in vectors], output=out, method=method, search=spec.scalable, grid=grid,
-                    select=args.select, evaluate=True, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples,
+                    select=select, evaluate=True, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples,
                     batch_size=args.merge_batch_size, device=device, overwrite=True, progress=bars,
                 )  # fmt: skip
                 run_merge_job(job)
@@ -271,7 +307,8 @@ def run_merges(
 
 def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> int:
     """Run or continue the whole reproduction; ``callbacks`` go to every fine-tune's Trainer."""
-    args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
+    parser = build_recipe_parser(train_saft._requested_recipe(argv))
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
     tasks = check_arguments(args)
     state = PartialState()
     root = Path(training_args.output_dir)
@@ -289,7 +326,9 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> i
     finetune = {
         v: {t: json.loads((root / "finetune" / v / t / "results.json").read_text()) for t in tasks} for v in args.variants
     }
-    written = write_report(summarize(tasks, args.variants, args.methods, finetune, merges), root)
+    summary = summarize(tasks, args.variants, args.methods, finetune, merges)
+    summary.update(recipe=args.recipe, protocol=args.protocol, merge_checkpoint=args.merge_checkpoint)
+    written = write_report(summary, root)
     with open(root / RUN_LOG, "a") as handle:  # one line per invocation: what it trained, resumed, reused
         handle.write(json.dumps({"started": started, "world_size": state.num_processes, **log}) + "\n")
     print(

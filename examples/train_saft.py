@@ -220,10 +220,16 @@ class KeepBestCallback(TrainerCallback):
     As the authors' loop: strictly better than the best so far (the first of equal epochs is kept).
     """
 
-    def __init__(self, model: CLIPImageClassifier, directory: Path) -> None:
+    def __init__(self, model: CLIPImageClassifier, directory: Path, resumed: bool = False) -> None:
         self.model, self.directory = model, directory
         self.best: float | None = None
         self.best_epoch: float | None = None
+        record = directory / "best.json"
+        if resumed and record.is_file():  # a resumed run continues from the best epoch so far
+            saved = json.loads(record.read_text())
+            self.best, self.best_epoch = saved["accuracy"], saved["epoch"]
+        elif not resumed:
+            shutil.rmtree(directory, ignore_errors=True)  # a fresh run never reuses an older run's best
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
         accuracy = (metrics or {}).get("eval_accuracy")
@@ -232,6 +238,7 @@ class KeepBestCallback(TrainerCallback):
         self.best, self.best_epoch = float(accuracy), state.epoch
         if state.is_world_process_zero:
             self.model.vision_model.save_pretrained(self.directory)
+            _write_json({"accuracy": self.best, "epoch": self.best_epoch}, self.directory / "best.json")
 
 
 def lora_settings(script_args: ScriptArguments) -> dict[str, Any] | None:
@@ -408,7 +415,8 @@ def train_task(
     if lora is not None:
         vision = add_lora(vision, lora)
     model = CLIPImageClassifier(vision, head)
-    keep_best = KeepBestCallback(model, output_dir / "best_vision_model") if authors else None
+    resumed = training_args.resume_from_checkpoint is not None
+    keep_best = KeepBestCallback(model, output_dir / "best_vision_model", resumed) if authors else None
 
     trainer = SAMTrainer(
         model=model,
