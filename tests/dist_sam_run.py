@@ -13,7 +13,6 @@ from safetensors.torch import save_file  # noqa: E402
 from saft_hf import SAMTrainer  # noqa: E402
 from tests.sam_toy import ToyClassifier, sgd_args, toy_dataset  # noqa: E402
 
-
 # AdamW with decay and a clip that binds, so that every quirk of the authors' loop shows in the weights.
 AUTHORS_SETTINGS = {"optim": "adamw_torch", "learning_rate": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.05}
 
