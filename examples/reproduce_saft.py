@@ -73,7 +73,7 @@ RUN_LOG = "reproduce_runs.jsonl"
 
 @dataclass
 class ReproduceArguments:
-    """What to reproduce; the fine-tuning settings are the ``SAMTrainingArguments`` (paper defaults)."""
+    """What to reproduce; the fine-tuning settings are the ``SAMTrainingArguments`` (the chosen --recipe's defaults)."""
 
     model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32", metadata={"help": "CLIP checkpoint (Hub id or directory)."}
@@ -134,7 +134,7 @@ class ReproduceArguments:
 
 
 def build_parser() -> HfArgumentParser:
-    """Parser over the reproduction and training arguments, with the paper's defaults."""
+    """Parser over the reproduction and training arguments, with the paper-text recipe's defaults."""
     return build_recipe_parser("paper-text")
 
 
