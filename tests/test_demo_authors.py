@@ -59,3 +59,27 @@ def test_an_unknown_selection_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's own choices check
         main(["--selection", "per-dataset"])
     assert exit_.value.code == 2 and "invalid choice: 'per-dataset'" in capsys.readouterr().err
+
+
+def _seed(clean: float, paper: float) -> dict:
+    """A seed whose ASAM − standard difference is `clean` (clean loop, one λ) and `paper` (authors, per task)."""
+    rows = {}
+    for method in ("task_arithmetic", "ties", "pcb"):
+        rows[method] = {"standard": {"test": {"a": 0.5}}, "asam": {"test": {"a": 0.5 + clean}},
+                        "standard_authors": {"test": {"a": 0.5}}, "asam_authors": {"test": {"a": 0.5}}}
+        rows[f"{method}@per-task"] = {v: {"test": {"a": 0.6}} for v in ("standard", "asam", "standard_authors")}
+        rows[f"{method}@per-task"]["asam_authors"] = {"test": {"a": 0.6 + paper}}
+    return {"merged": rows}
+
+
+def test_paired_contrasts_and_the_protocols_decision_rule():
+    from benchmarks.authors_recipe_contrasts import contrasts, verdict
+
+    seeds = [_seed(-0.02, 0.01), _seed(-0.03, 0.02), _seed(-0.025, 0.015)]
+    table = contrasts({"seeds": seeds, "config": {"tasks": ["a"]}})
+    assert table["ties"]["D_clean"]["mean"] == pytest.approx(-0.025)
+    assert table["ties"]["D_paper"]["mean"] == pytest.approx(0.015) and table["ties"]["D_paper"]["ci_low"] > 0
+    assert table["ties"]["D_paper_minus_D_clean"]["mean"] == pytest.approx(0.04)
+    assert table["ties"]["D_loop"]["mean"] == pytest.approx(0.0)
+    assert verdict(table) == "the authors' whole protocol (loop + per-task λ) explains it, not the loop alone"
+    assert verdict(contrasts({"seeds": seeds[:1], "config": {"tasks": ["a"]}})) == "no conclusion (fewer than 2 seeds)"
