@@ -265,7 +265,7 @@ def test_saft_merge_writes_base_plus_the_method_merge(method, tiny_clip_dir, cli
         torch.testing.assert_close(merged[name], theta + tau[name], atol=1e-6, rtol=1e-6, msg=name)
     assert any(t.dim() == 2 and torch.count_nonzero(t) for t in tau.values())  # not a vacuous merge
     config = json.loads((out / "merge_config.json").read_text())
-    assert config["method"] == method and config["method_args"] == {**extra, "scaling": 0.6}
+    assert config["method"] == method and config["method_args"] == {**extra, "qkv": "separate", "scaling": 0.6}
 
 
 def test_saft_merge_search_uses_the_method_grid(cli_vector_dirs, tiny_task_data_dir, tmp_path):
