@@ -9,6 +9,11 @@ Fine-tunes every task twice (``standard``, and ``saft`` = the paper's ASAM with 
 it stopped: finished fine-tunes and merges are skipped once their outputs check out, a killed fine-tune
 resumes from its last Trainer checkpoint (``--save_steps``). Training arguments such as
 ``--max_steps`` or ``--per_device_train_batch_size`` are passed through (``--help`` lists them).
+
+The default is the clean table: the paper's *text* recipe, one λ (one merged model) per method and variant.
+``--recipe authors-code --protocol authors`` gives the table the paper's released *code* would: its training
+loop and settings (train_saft.py --recipe authors-code) and a λ chosen per task on that task's validation
+split (not one merged model).
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ RUN_LOG = "reproduce_runs.jsonl"
 
 @dataclass
 class ReproduceArguments:
-    """What to reproduce; the fine-tuning settings are the ``SAMTrainingArguments`` (paper defaults)."""
+    """What to reproduce; the fine-tuning settings are the ``SAMTrainingArguments`` (the chosen --recipe's defaults)."""
 
     model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32", metadata={"help": "CLIP checkpoint (Hub id or directory)."}
@@ -109,15 +114,37 @@ class ReproduceArguments:
         metadata={"help": "Device of the merges' λ search, evaluation and AdaMerging: auto (cuda when present, else "
                   "cpu), cpu, cuda or cuda:N."},
     )  # fmt: skip
+    recipe: str = field(
+        default="paper-text",
+        metadata={"help": "Fine-tuning recipe, as train_saft.py --recipe: 'paper-text' (the paper's text) or "
+                  "'authors-code' (its released code: eta 0 on all, the authors' loop, augmentation, per-dataset "
+                  "epochs, best checkpoint kept beside the last).", "choices": ["paper-text", "authors-code"]},
+    )  # fmt: skip
+    protocol: str = field(
+        default="single",
+        metadata={"help": "λ selection: 'single' (one λ for all tasks: one merged model per method and variant) or "
+                  "'authors' (the released code's: each task's λ on its own validation split, their grids; "
+                  "saft-merge --select per-task; NOT one merged model).", "choices": ["single", "authors"]},
+    )  # fmt: skip
+    merge_checkpoint: str = field(
+        default="last",
+        metadata={"help": "Which fine-tuned checkpoint's task vector is merged: 'last' or, with --recipe "
+                  "authors-code, 'best' (on validation).", "choices": ["last", "best"]},
+    )  # fmt: skip
     keep_checkpoints: bool = field(
         default=False, metadata={"help": "Keep each finished fine-tune's Trainer checkpoints (deleted by default)."}
     )
 
 
 def build_parser() -> HfArgumentParser:
-    """Parser over the reproduction and training arguments, with the paper's defaults."""
+    """Parser over the reproduction and training arguments, with the paper-text recipe's defaults."""
+    return build_recipe_parser("paper-text")
+
+
+def build_recipe_parser(recipe: str) -> HfArgumentParser:
+    """The parser with ``recipe``'s training defaults (saft_hf.recipes) over the paper's."""
     parser = HfArgumentParser((ReproduceArguments, SAMTrainingArguments), description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**REPRODUCE_DEFAULTS, **train_saft.INPUT_DEFAULTS)  # input path: not a stage setting
+    parser.set_defaults(**{**REPRODUCE_DEFAULTS, **train_saft.INPUT_DEFAULTS, **train_saft.RECIPE_DEFAULTS.get(recipe, {})})
     return parser
 
 
@@ -141,6 +168,8 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
         resolve_device(args.merge_device)  # a missing CUDA stops here, not after days of fine-tuning
     except ValueError as error:
         raise UsageError(str(error).replace("--device", "--merge_device")) from None
+    if args.merge_checkpoint == "best" and args.recipe != "authors-code":
+        raise UsageError("--merge_checkpoint best needs --recipe authors-code, which keeps the best epoch's task vector.")
     try:
         names = [resolve_task(task, args.data_dir).name for task in args.tasks]
     except (KeyError, ValueError, FileNotFoundError) as err:
@@ -153,7 +182,8 @@ def check_arguments(args: ReproduceArguments) -> list[str]:
 def parse_args(argv: list[str] | None) -> tuple[ReproduceArguments, SAMTrainingArguments]:
     """The command line as the two dataclasses; an unknown option or bad value is a ``UsageError``."""
     try:
-        args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
+        parser = build_recipe_parser(train_saft._requested_recipe(argv))
+        args, training_args = parser.parse_args_into_dataclasses(args=argv)
         train_saft.fit_input_settings(training_args)
         return args, training_args
     except ValueError as err:  # e.g. "Some specified arguments are not used by the HfArgumentParser: [...]"
@@ -163,7 +193,8 @@ def parse_args(argv: list[str] | None) -> tuple[ReproduceArguments, SAMTrainingA
 
 def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments, task: str) -> dict[str, Any]:
     """What a fine-tune's result depends on; a finished stage with other settings is not reused."""
-    keys = (*REPRODUCE_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "seed")
+    keys = (*REPRODUCE_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "sam_loop", "num_train_epochs",
+            "eval_strategy", "seed")  # fmt: skip
     # the batch a step sees, whatever the process count: a finished stage is reused on 1 or N processes
     skip = {"remove_unused_columns", "save_strategy", "save_steps", "save_total_limit", "report_to",
             "per_device_train_batch_size"}  # fmt: skip
@@ -172,7 +203,7 @@ def stage_settings(args: ReproduceArguments, training_args: SAMTrainingArguments
         training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
     )
     return {"task": task, "model_name_or_path": args.model_name_or_path, "max_test_samples": args.max_test_samples,
-            **hyperparameters}  # fmt: skip
+            "recipe": args.recipe, **hyperparameters}  # fmt: skip
 
 
 def _clear_stale_outputs(stage_dir: Path) -> None:
@@ -221,6 +252,12 @@ def run_finetunes(
         for task in tasks:
             progress.start()
             stage_dir = root / "finetune" / variant / task
+            script_args = train_saft.ScriptArguments(
+                task=task, model_name_or_path=args.model_name_or_path, data_dir=args.data_dir,
+                cache_dir=args.cache_dir, max_test_samples=args.max_test_samples, recipe=args.recipe,
+            )  # fmt: skip
+            if args.recipe == "authors-code" and training_args.max_steps <= 0:
+                training_args.num_train_epochs = train_saft.authors_epochs(task, script_args)  # Q8
             settings = stage_settings(args, training_args, task)
             plan = [plan_finetune(stage_dir, settings) if state.is_main_process else None]
             plan = broadcast_object_list(plan)[0]
@@ -237,13 +274,10 @@ def run_finetunes(
                 print(f"fine-tune {name}: {plan['note']}; training {resume}", flush=True)
             training_args.output_dir = str(stage_dir)
             training_args.resume_from_checkpoint = checkpoint
-            script_args = train_saft.ScriptArguments(
-                task=task, model_name_or_path=args.model_name_or_path, data_dir=args.data_dir,
-                cache_dir=args.cache_dir, max_test_samples=args.max_test_samples,
-            )  # fmt: skip
             train_saft.train_task(task, script_args, training_args, callbacks=callbacks)
             if state.is_main_process:
-                write_marker(stage_dir, STAGE_OUTPUTS, settings, {"variant": variant})
+                outputs = [*STAGE_OUTPUTS, *(["task_vector_best"] if (stage_dir / "task_vector_best").is_dir() else [])]
+                write_marker(stage_dir, outputs, settings, {"variant": variant})
                 if not args.keep_checkpoints:
                     remove_checkpoints(stage_dir)
             state.wait_for_everyone()
@@ -267,7 +301,8 @@ def run_merges(
     device = str(resolve_device(args.merge_device))
     merges: dict[str, dict[str, dict]] = {}
     for variant in args.variants:
-        vectors = [root / "finetune" / variant / task / "task_vector" for task in tasks]
+        folder = "task_vector_best" if args.merge_checkpoint == "best" else "task_vector"
+        vectors = [root / "finetune" / variant / task / folder for task in tasks]
         inputs = fingerprint(root, [str(v.relative_to(root)) for v in vectors])
         merges[variant] = {}
         for method in args.methods:
@@ -275,14 +310,16 @@ def run_merges(
             spec = get_method(method)
             grid = args.grid if spec.scalable and spec.grid is None else None
             out = root / "merges" / variant / method
-            settings = {"method": method, "grid": grid, "select": args.select, "max_eval_samples": args.max_eval_samples,
+            # --protocol authors: a λ per task (saft-merge --select per-task) wherever there is a λ to choose
+            select = "per-task" if args.protocol == "authors" and spec.scalable else args.select
+            settings = {"method": method, "grid": grid, "select": select, "max_eval_samples": args.max_eval_samples,
                         "inputs": inputs}  # fmt: skip
             name = f"{method}/{variant}"
             marker, why = read_marker(out, settings, strict=False)
             if marker is None:
                 job = MergeJob(
                     repos=[str(v) for v in vectors], output=out, method=method, search=spec.scalable, grid=grid,
-                    select=args.select, evaluate=True, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples,
+                    select=select, evaluate=True, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples,
                     batch_size=args.merge_batch_size, device=device, overwrite=True, progress=bars,
                 )  # fmt: skip
                 run_merge_job(job)
@@ -359,7 +396,9 @@ def _run(
     finetune = {
         v: {t: json.loads((root / "finetune" / v / t / "results.json").read_text()) for t in tasks} for v in args.variants
     }
-    written = write_report(summarize(tasks, args.variants, args.methods, finetune, merges), root)
+    summary = summarize(tasks, args.variants, args.methods, finetune, merges)
+    summary.update(recipe=args.recipe, protocol=args.protocol, merge_checkpoint=args.merge_checkpoint)
+    written = write_report(summary, root)
     print(
         f"reproduce: trained {len(log['trained'])} ({len(log['resumed'])} resumed), skipped {len(log['skipped'])} "
         f"fine-tunes; ran {len(log['merged'])}, reused {len(log['reused'])} merges. "

@@ -4,8 +4,11 @@
     accelerate launch examples/train_saft.py --task all --output_dir out --standard     # plain fine-tuning
     accelerate launch examples/train_saft.py --task DTD --output_dir out/dtd --lora_r 16  # LoRA-SAFT
 
-Defaults are the SAFT paper's (ICLR 2025): AdamW, lr 1e-5, batch 128, 8,000 steps, cosine schedule with
-500 warm-up steps, weight decay 0.1, gradient clipping 1.0, ASAM with rho 0.5; every one can be
+Defaults follow the SAFT paper's *text* (ICLR 2025, ``--recipe paper-text``): AdamW, lr 1e-5, batch 128,
+8,000 steps, cosine schedule with 500 warm-up steps, weight decay 0.1, gradient clipping 1.0, ASAM with
+rho 0.5 and ASAM's own eta 0.01 on weights, in the Trainer's clean loop. ``--recipe authors-code`` follows
+the paper's released *code* instead (saft_hf/recipes.py: eta 0 on every parameter, the authors' loop,
+RandomResizedCrop, best-on-validation checkpoint beside the last, per-dataset epochs). Every value can be
 overridden on the command line (``--help`` lists them). Writes, per task: ``vision_model/`` (HF format)
 and the zero-shot head, ``task_vector/`` (fine-tuned − pre-trained vision weights), ``results.json``.
 With ``--lora_r`` only a PEFT LoRA adapter is trained (SAM/ASAM perturb its parameters only) and
@@ -40,9 +43,17 @@ from saft_hf.clip import (
     build_zero_shot_head,
     collate_image_batch,
     evaluate_accuracy,
+    load_vision_tower,
 )
 from saft_hf.io_utils import apply_umask_modes, replace_dir
 from saft_hf.metrics import load_accuracy
+from saft_hf.recipes import (
+    AUTHORS_EPOCHS,
+    RECIPE_DEFAULTS,
+    RECIPES,
+    RandomResizedCropTransform,
+    recipe_summary,
+)
 from saft_hf.task_vector_io import provenance_config
 from saft_hf.task_vectors import TaskVector
 from saft_hf.tasks import (
@@ -56,7 +67,7 @@ from saft_hf.tasks import (
 )
 from saft_hf.trainer import SAMTrainer, SAMTrainingArguments
 
-# SAFT paper defaults (Sec. 5 / released code); applied with parser.set_defaults so the CLI overrides them.
+# SAFT paper defaults (Sec. 5 text; --recipe adds RECIPE_DEFAULTS); set_defaults, so the CLI overrides them.
 PAPER_DEFAULTS: dict[str, Any] = {
     "optim": "adamw_torch",
     "learning_rate": 1e-5,
@@ -122,6 +133,22 @@ class ScriptArguments:
             "built and saved there. Default: the task's output directory."
         },
     )
+    recipe: str = field(
+        default="paper-text",
+        metadata={
+            "help": "'paper-text' (default): the SAFT paper's text — ASAM eta 0.01 on weights, the Trainer's clean "
+            "loop, 8,000 steps, the last checkpoint. 'authors-code': the paper's released code — ASAM eta 0 on "
+            "every parameter, --sam_loop authors (gradients never zeroed, descent not clipped, decay on all), "
+            "RandomResizedCrop(224, scale 0.9-1.0, bicubic) on training images, validation each epoch with the "
+            "best checkpoint kept beside the last (task_vector_best/), per-dataset epochs (Cars 140, DTD 304, "
+            "EuroSAT 48, GTSRB 44, MNIST 20, RESISC45 60, SUN397 56, SVHN 16) at batch 128.",
+            "choices": list(RECIPES),
+        },
+    )
+    epochs: float | None = field(
+        default=None,
+        metadata={"help": "--recipe authors-code: epochs to train (default: the authors' per-dataset table)."},
+    )
     standard: bool = field(default=False, metadata={"help": "Standard fine-tuning: same as --sam_rho 0."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache directory for Hub downloads."})
     max_test_samples: int | None = field(
@@ -168,23 +195,76 @@ class LogLastStepCallback(TrainerCallback):
         return control
 
 
-def build_parser() -> HfArgumentParser:
-    """Parser over the script and training arguments, with the paper's defaults."""
+def build_parser(recipe: str = "paper-text") -> HfArgumentParser:
+    """Parser over the script and training arguments, with the paper's defaults and ``recipe``'s."""
     parser = HfArgumentParser((ScriptArguments, SAMTrainingArguments), description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**PAPER_DEFAULTS, **INPUT_DEFAULTS)
+    parser.set_defaults(**{**PAPER_DEFAULTS, **INPUT_DEFAULTS, **RECIPE_DEFAULTS.get(recipe, {})})
     return parser
+
+
+def _requested_recipe(argv: list[str] | None) -> str:
+    """The --recipe on the command line (its defaults apply before the full parse); a bad one fails there."""
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--recipe" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--recipe="):
+            return arg.split("=", 1)[1]
+    return "paper-text"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SAMTrainingArguments]:
     """Parse the command line; ``--standard`` sets ``sam_rho`` to 0. A bad value raises ``UsageError``."""
     try:
-        script_args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
+        script_args, training_args = build_parser(_requested_recipe(argv)).parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # e.g. SAMTrainingArguments' check of --sam_rho
         raise UsageError(f"{err} See --help.") from err
     if script_args.standard:
         training_args.sam_rho = 0.0
+    if script_args.recipe != "authors-code" and script_args.epochs is not None:
+        raise UsageError("--epochs belongs to --recipe authors-code; use --num_train_epochs or --max_steps.")
     fit_input_settings(training_args)
     return script_args, training_args
+
+
+def authors_epochs(task: str, script_args: ScriptArguments) -> float:
+    """Q8: the epochs of --recipe authors-code for ``task`` (--epochs, else the authors' table)."""
+    if script_args.epochs is not None:
+        return script_args.epochs
+    name = next((n for n in AUTHORS_EPOCHS if n.lower() == task.lower()), None)
+    if name is None:
+        raise UsageError(
+            f"--recipe authors-code has per-dataset epochs for {', '.join(AUTHORS_EPOCHS)} only; give --epochs "
+            f"(or --max_steps) for task {task!r}."
+        )
+    return float(AUTHORS_EPOCHS[name])
+
+
+class KeepBestCallback(TrainerCallback):
+    """Q6 (--recipe authors-code): after each evaluation, save the vision tower when validation accuracy improves.
+
+    As the authors' loop: strictly better than the best so far (the first of equal epochs is kept).
+    """
+
+    def __init__(self, model: CLIPImageClassifier, directory: Path, resumed: bool = False) -> None:
+        self.model, self.directory = model, directory
+        self.best: float | None = None
+        self.best_epoch: float | None = None
+        record = directory / "best.json"
+        if resumed and record.is_file():  # a resumed run continues from the best epoch so far
+            saved = json.loads(record.read_text())
+            self.best, self.best_epoch = saved["accuracy"], saved["epoch"]
+        elif not resumed:
+            shutil.rmtree(directory, ignore_errors=True)  # a fresh run never reuses an older run's best
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        accuracy = (metrics or {}).get("eval_accuracy")
+        if accuracy is None or (self.best is not None and accuracy <= self.best):
+            return
+        self.best, self.best_epoch = float(accuracy), state.epoch
+        if state.is_world_process_zero:
+            self.model.vision_model.save_pretrained(self.directory)
+            _write_json({"accuracy": self.best, "epoch": self.best_epoch}, self.directory / "best.json")
 
 
 def fit_input_settings(training_args: SAMTrainingArguments) -> None:
@@ -408,11 +488,17 @@ def train_task(
         data = load_task(spec, script_args.data_dir, processor, cache_dir=script_args.cache_dir, uint8=True, draft=True)
         head = load_or_build_head(spec, base, head_dir)
     vision = load_base_vision_tower(base)
+    authors = script_args.recipe == "authors-code"
+    if authors:  # Q5: open_clip's training augmentation on the training split only
+        crop = RandomResizedCropTransform(processor, spec.image_column, spec.label_column)
+        data["train"] = data["train"].with_transform(crop, columns=[spec.image_column, spec.label_column])
     lora = lora_settings(script_args)
     pretrained = {name: tensor.detach().clone() for name, tensor in vision.state_dict().items()} if lora is None else {}
     if lora is not None:
         vision = add_lora(vision, lora)
     model = CLIPImageClassifier(vision, head, PixelNormalizer.from_processor(processor))
+    resumed = training_args.resume_from_checkpoint is not None
+    keep_best = KeepBestCallback(model, output_dir / "best_vision_model", resumed) if authors else None
 
     restore_steps = absolute_steps(training_args)
     trainer = SAMTrainer(
@@ -422,7 +508,7 @@ def train_task(
         eval_dataset=data["validation"],
         data_collator=collate_image_batch,
         compute_metrics=compute_metrics,
-        callbacks=[LogLastStepCallback(), *(callbacks or [])],
+        callbacks=[LogLastStepCallback(), *([keep_best] if keep_best else []), *(callbacks or [])],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     restore_steps()  # the caller's arguments as given (reproduce_saft.py compares them across stages)
@@ -445,9 +531,11 @@ def train_task(
             model.save_pretrained(output_dir)
         hyperparameters = {
             key: getattr(training_args, key)
-            for key in (*PAPER_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", *CHEAP_SAM_KEYS, "seed")
+            for key in (*PAPER_DEFAULTS, "sam_eta", "sam_ascent", "sam_adaptive_scope", "sam_loop", *CHEAP_SAM_KEYS,
+                        "seed", *(("num_train_epochs",) if authors else ()))
             if key not in NOT_HYPERPARAMETERS
         }
+        hyperparameters["recipe"] = script_args.recipe
         if lora is not None:
             hyperparameters.update(lora)
         results = {
@@ -468,6 +556,7 @@ def train_task(
             "world_size": training_args.world_size,
             "num_examples": {split: len(data[split]) for split in data},
             "hyperparameters": hyperparameters,
+            "recipe": recipe_summary(script_args.recipe),
         }
         config = provenance_config(
             task=spec.name,
@@ -478,6 +567,8 @@ def train_task(
             method=results["method"],
             hyperparameters=hyperparameters,
             metrics={"accuracy": accuracy, "validation_accuracy": validation_accuracy},
+            recipe=recipe_summary(script_args.recipe),
+            checkpoint="last",
         )
         if lora is not None:
             head.save_pretrained(output_dir)
@@ -485,6 +576,10 @@ def train_task(
         else:
             task_vector = TaskVector.from_models(pretrained, model.vision_model, config=config, head_dir=output_dir)
             task_vector.save_pretrained(output_dir / "task_vector")
+        if keep_best is not None and keep_best.best is not None:
+            results["best"] = save_best_task_vector(
+                keep_best, pretrained, model, data, config, script_args, training_args, output_dir
+            )
         _write_json(results, output_dir / "results.json")
         print(
             f"{spec.name}: test accuracy {accuracy:.4f}, validation accuracy {validation_accuracy:.4f} "
@@ -492,6 +587,32 @@ def train_task(
         )
     trainer.accelerator.wait_for_everyone()
     return results
+
+
+def save_best_task_vector(
+    keep_best: KeepBestCallback,
+    pretrained: dict[str, Any],
+    model: CLIPImageClassifier,
+    data: Any,
+    config: dict[str, Any],
+    script_args: ScriptArguments,
+    training_args: SAMTrainingArguments,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """Q6: task_vector_best/ from the best-on-validation epoch, beside the last one; returns its metrics."""
+    best_vision = load_vision_tower(str(keep_best.directory))
+    best_model = CLIPImageClassifier(best_vision, model.head, model.normalizer)
+    batch = training_args.per_device_eval_batch_size
+    metrics = {
+        "accuracy": evaluate_accuracy(best_model, data["test"], batch_size=batch, max_samples=script_args.max_test_samples),
+        "validation_accuracy": evaluate_accuracy(best_model, data["validation"], batch_size=batch),
+    }
+    best_config = {**config, "metrics": metrics, "checkpoint": f"best (epoch {keep_best.best_epoch:g})"}
+    vector = TaskVector.from_models(pretrained, best_vision, config=best_config, head_dir=output_dir)
+    vector.save_pretrained(output_dir / "task_vector_best")
+    shutil.rmtree(keep_best.directory, ignore_errors=True)
+    return {"epoch": keep_best.best_epoch, "test_accuracy": metrics["accuracy"],
+            "validation_accuracy": metrics["validation_accuracy"]}  # fmt: skip
 
 
 def _report_error(err: BaseException) -> None:
@@ -514,8 +635,15 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             check_inputs(task, script_args, training_args)
             check_output(targets[task], script_args)
+            if script_args.recipe == "authors-code":
+                if script_args.lora_r is not None:
+                    raise UsageError("--recipe authors-code trains every weight, as the authors' code; drop --lora_r.")
+                if training_args.max_steps <= 0:
+                    authors_epochs(task, script_args)  # an unknown task fails before anything trains
         state, asked_resume = PartialState(), training_args.resume_from_checkpoint
         for task, target in targets.items():
+            if script_args.recipe == "authors-code" and training_args.max_steps <= 0:
+                training_args.num_train_epochs = authors_epochs(task, script_args)  # Q8
             if script_args.overwrite_output_dir and target.exists():
                 # train beside the old run; it is replaced only once the new one has finished
                 staging = target.with_name(f".{target.name}.overwrite.tmp")

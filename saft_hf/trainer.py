@@ -17,12 +17,14 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from . import sam
+from .authors_loop import AuthorsLoopMixin
 
 __all__ = ["SAMTrainer", "SAMTrainingArguments"]
 
 _ASCENT_MODES = ("local", "global")
 _ADAPTIVE_SCOPES = ("weights", "all")
 _SAM_MODES = ("sam", "periodic", "looksam")
+_SAM_LOOPS = ("clean", "authors")
 
 
 @dataclass
@@ -99,7 +101,27 @@ class SAMTrainingArguments(TrainingArguments):
         metadata={"help": "LookSAM's alpha, the weight of the reused g_v (Liu et al., CVPR 2022; 0.7 as there)."},
     )
 
+    sam_loop: str = field(
+        default="clean",
+        metadata={
+            "help": "'clean': the Trainer's loop (gradients zeroed after every step, the descent gradient clipped "
+            "to --max_grad_norm, no weight decay on biases/LayerNorms). 'authors': the SAFT paper's released "
+            "code (BAIKLAB/SAFT-Merge finetune.py): gradients never zeroed (standard: a running sum, clipped in "
+            "place; SAM/ASAM: each step's descent gradient carried into the next ascent), the clip before the "
+            "ascent only, weight decay on every parameter, micro-batch losses summed. The carried gradient is "
+            "saved in checkpoints. --sam_mode sam only; no fp16, DeepSpeed or FSDP.",
+            "choices": list(_SAM_LOOPS),
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.sam_loop not in _SAM_LOOPS:
+            raise ValueError(f"sam_loop must be one of {_SAM_LOOPS}, got {self.sam_loop!r}.")
+        if self.sam_loop == "authors" and self.sam_mode != "sam":
+            raise ValueError(
+                f"sam_loop='authors' reproduces the authors' SAM step on every step; sam_mode={self.sam_mode!r} "
+                "is not part of it (use sam_loop='clean' for the cheap modes)."
+            )
         if not math.isfinite(self.sam_rho) or self.sam_rho < 0:
             raise ValueError(f"sam_rho must be a finite number >= 0 (0 disables SAM), got {self.sam_rho!r}.")
         if not math.isfinite(self.sam_eta) or self.sam_eta < 0:
@@ -133,7 +155,7 @@ class SAMTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-class SAMTrainer(Trainer):
+class SAMTrainer(AuthorsLoopMixin, Trainer):
     """Trainer whose `training_step` does SAM/ASAM: ascent at w, descent at w + eps, restore w.
 
     Logged with the Trainer's metrics: ``sam_sharpness`` (mean L(w + eps) - L(w) over the
@@ -151,6 +173,7 @@ class SAMTrainer(Trainer):
                 "build the arguments with saft_hf.SAMTrainingArguments(...)."
             )
         self._check_supported()
+        self._authors_init()  # sam_loop='authors': the released code's loop (saft_hf/authors_loop.py)
         self._sam_named_params: list[tuple[str, nn.Parameter]] | None = None
         self._sam_trainable: list[nn.Parameter] = []
         self._sam_adaptive: list[bool] | None = None
@@ -218,6 +241,8 @@ class SAMTrainer(Trainer):
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
+        if self.authors_loop:
+            return self._authors_training_step(model, inputs)
         if not self.sam_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
         looksam = self.args.sam_mode == "looksam"

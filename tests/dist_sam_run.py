@@ -14,6 +14,9 @@ from safetensors.torch import save_file  # noqa: E402
 from saft_hf import SAMTrainer  # noqa: E402
 from tests.sam_toy import ToyClassifier, sgd_args, toy_dataset  # noqa: E402
 
+# AdamW with decay and a clip that binds, so that every quirk of the authors' loop shows in the weights.
+AUTHORS_SETTINGS = {"optim": "adamw_torch", "learning_rate": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.05}
+
 
 def main() -> None:
     # A rank stuck this long dumps every thread's stack to the launch log and exits, so a hang fails the test
@@ -21,9 +24,12 @@ def main() -> None:
     faulthandler.dump_traceback_later(float(os.environ.get("SAFT_TEST_RANK_TIMEOUT", "300")), exit=True)
     out, ascent, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     mode, interval = (sys.argv[5], int(sys.argv[6])) if len(sys.argv) > 6 else ("sam", 1)
+    # optional: the SAFT authors' loop and rho (tests/test_trainer_authors_distributed.py)
+    loop, rho = (sys.argv[7], float(sys.argv[8])) if len(sys.argv) > 8 else ("clean", 0.05)
     torch.set_num_threads(1)
-    args = sgd_args(out, sam_rho=0.05, sam_ascent=ascent, per_device_train_batch_size=batch, max_steps=steps,
-                    sam_mode=mode, sam_interval=interval)
+    extra = AUTHORS_SETTINGS if loop == "authors" else {}
+    args = sgd_args(out, sam_rho=rho, sam_ascent=ascent, per_device_train_batch_size=batch, max_steps=steps,
+                    sam_mode=mode, sam_interval=interval, sam_loop=loop, **extra)
     trainer = SAMTrainer(model=ToyClassifier(), args=args, train_dataset=toy_dataset())
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))

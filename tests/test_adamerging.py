@@ -245,3 +245,26 @@ def test_adapt_split_only_with_adamerging_and_data_is_required(
     assert code == 2 and "--adapt-split is only used" in capsys.readouterr().err
     code = main(["--repos", repos, "--method", "adamerging", "--output", str(tmp_path / "a")])
     assert code == 2 and "--method adamerging needs task data" in capsys.readouterr().err
+
+
+def _authors_ties_split(flat: torch.Tensor) -> torch.Tensor:
+    """EnnengYang/AdaMerging ties_merging_utils.py, resolve_sign + disjoint_merge_split's selection, transcribed."""
+    sign = torch.sign(flat.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())  # resolve_zero_signs(..., "majority")
+    return flat * torch.where(sign.unsqueeze(0) > 0, flat > 0, flat < 0)
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ([1.0, 2.0, 3.0], [-1.0, 1.0, 1.0]),  # column 0 sums to 0, the majority sign is +: τ_1's +1 is kept
+        ([1.0, -2.0, -3.0], [-1.0, 1.0, -1.0]),  # majority −: τ_2's −1 is kept
+        ([1.0, 2.0, -1.0], [-1.0, 1.0, -3.0]),  # the majority is 0 too: the negative entries are kept
+    ],
+)
+def test_ties_variant_gives_a_zero_sum_column_the_vector_wide_majority_sign_as_the_authors(first, second) -> None:
+    vectors = [{"w": torch.tensor(first)}, {"w": torch.tensor(second)}]
+    stacked = stack_vectors(vectors, ties=True, density=1.0)
+    expected = _authors_ties_split(torch.tensor([first, second]))
+    torch.testing.assert_close(stacked["w"], expected)
+    assert stacked["w"][:, 0].abs().sum() == 1.0  # one of the tied entries survives, never both, never none

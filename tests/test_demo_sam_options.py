@@ -41,11 +41,13 @@ def test_every_demo_variant_gives_valid_trainer_arguments_and_its_own_label(tmp_
     for variant in VARIANT_NAMES:
         built = training_arguments(args, str(tmp_path), args.variant_settings(variant), 0)
         assert built.learning_rate == (2e-3 if variant.startswith("lora") else 1e-4)
-        assert (built.sam_rho > 0) == (variant not in ("standard", "lora"))
+        assert (built.sam_rho > 0) == (variant not in ("standard", "lora", "standard_authors"))
+        assert built.sam_loop == ("authors" if variant.endswith("_authors") else "clean")
         assert (args.variant_lora(variant) is not None) == variant.startswith("lora")
         labels[variant] = variant_label(args, variant)
     assert len(set(labels.values())) == len(labels), labels  # every table row is told apart
     assert labels["asam_looksam5"] == "ASAM ρ=0.5 LookSAM k=5" and labels["lora_asam"] == "LoRA r=4 ASAM ρ=0.5"
+    assert labels["asam_authors"] == "ASAM ρ=0.5 (authors' loop)"
     periodic = training_arguments(args, str(tmp_path), args.variant_settings("asam_periodic5"), 0)
     assert (periodic.sam_mode, periodic.sam_interval, periodic.sam_adaptive) == ("periodic", 5, True)
     assert args.variant_settings("asam_on")["sam_include"] == ["norm"]

@@ -223,8 +223,8 @@ def test_only_one_parameter_of_the_task_vectors_is_alive_at_a_time(method):
 
 
 def test_declared_defaults_and_search_grids():
-    assert METHODS["tsv_m"].resolve({}) == {"scaling": 1.0}
-    assert METHODS["iso_cts"].resolve({}) == {"common_share": 0.8, "scaling": 1.0}
+    assert METHODS["tsv_m"].resolve({}) == {"qkv": "separate", "scaling": 1.0}
+    assert METHODS["iso_cts"].resolve({}) == {"common_share": 0.8, "qkv": "separate", "scaling": 1.0}
     for method in SVD_METHODS:
         grid = METHODS[method].grid
         assert grid[0] == 0.1 and grid[-1] == 3.0 and len(grid) == 30  # authors' linspace(0, 3, 31)[1:]
@@ -265,7 +265,7 @@ def test_saft_merge_writes_base_plus_the_method_merge(method, tiny_clip_dir, cli
         torch.testing.assert_close(merged[name], theta + tau[name], atol=1e-6, rtol=1e-6, msg=name)
     assert any(t.dim() == 2 and torch.count_nonzero(t) for t in tau.values())  # not a vacuous merge
     config = json.loads((out / "merge_config.json").read_text())
-    assert config["method"] == method and config["method_args"] == {**extra, "scaling": 0.6}
+    assert config["method"] == method and config["method_args"] == {**extra, "qkv": "separate", "scaling": 0.6}
 
 
 def test_saft_merge_search_uses_the_method_grid(cli_vector_dirs, tiny_task_data_dir, tmp_path):
@@ -281,3 +281,44 @@ def test_saft_merge_search_uses_the_method_grid(cli_vector_dirs, tiny_task_data_
     search = json.loads((out / "results.json").read_text())["search"]
     assert [row["scaling"] for row in search["table"]] == list(METHODS["iso_c"].grid)
     assert search["best_scaling"] == max(search["table"], key=lambda row: row["score"])["scaling"]
+
+
+# ------------------------------------------------------------------- attention q/k/v: separate or stacked
+ATTENTION = {
+    "layers.0.self_attn.q_proj.weight": (8, 8),
+    "layers.0.self_attn.k_proj.weight": (8, 8),
+    "layers.0.self_attn.v_proj.weight": (8, 8),
+    "layers.0.self_attn.q_proj.bias": (8,),
+    "layers.0.self_attn.out_proj.weight": (8, 8),
+    "layers.0.mlp.fc1.weight": (10, 8),
+}
+FORMULAS = {"tsv_m": tsv_reference, "iso_c": iso_c_reference, "iso_cts": lambda m: iso_cts_reference(m, 0.8)}
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_stacked_qkv_decomposes_open_clips_in_proj_matrix_and_splits_it_back(method):
+    vectors = random_vectors(3, seed=21, shapes=ATTENTION)
+    merged = merge(vectors, method, qkv="stacked", scaling=0.7)
+    names = [f"layers.0.self_attn.{x}_proj.weight" for x in "qkv"]
+    in_proj = FORMULAS[method]([torch.cat([v[n] for n in names], dim=0) for v in vectors])  # 24 x 8, as open_clip
+    for name, block in zip(names, (0.7 * in_proj).float().split(8, dim=0)):
+        torch.testing.assert_close(merged[name], block, atol=1e-4, rtol=1e-4, msg=name)
+    for name in ("layers.0.self_attn.out_proj.weight", "layers.0.mlp.fc1.weight"):  # other matrices: as before
+        torch.testing.assert_close(merged[name], (0.7 * FORMULAS[method]([v[name] for v in vectors])).float(),
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert list(merged) == list(ATTENTION)
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_separate_qkv_is_the_default_and_differs_from_stacked(method):
+    vectors = random_vectors(3, seed=22, shapes=ATTENTION)
+    default, stacked = merge(vectors, method), merge(vectors, method, qkv="stacked")
+    assert_close_dicts(default, {k: v.float() for k, v in merge(vectors, method, qkv="separate").items()})
+    q = "layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(default[q], FORMULAS[method]([v[q] for v in vectors]).float(), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(default[q], stacked[q], atol=1e-3)
+
+
+def test_an_unknown_qkv_mode_names_the_choices():
+    with pytest.raises(MergeError, match="separate"):
+        merge(random_vectors(2, shapes=ATTENTION), "tsv_m", qkv="fused")

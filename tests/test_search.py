@@ -139,3 +139,76 @@ def test_report_rejects_bad_accuracies():
         MergeReport.from_accuracies({"a": 0.5}, {"a": 0.0})
     with pytest.raises(MergeError, match="merged accuracy of task 'a' must be a finite number"):
         MergeReport.from_accuracies({"a": float("nan")})
+
+
+# ----------------------------------------------------------------------------- per-task (SAFT authors') selection
+from saft_hf.merging.search import (  # noqa: E402
+    AUTHORS_GRID,
+    AUTHORS_TIES_DENSITIES,
+    SearchResult,
+    evaluate_per_task,
+    select_per_task,
+)
+
+
+def _result(density: float, rows: list[tuple[float, dict[str, float]]]) -> SearchResult:
+    table = [{"scaling": lam, "accuracies": accs, "score": sum(accs.values()) / len(accs)} for lam, accs in rows]
+    best = max(table, key=lambda r: r["score"])
+    return SearchResult("ties", {"density": density}, best["scaling"], best["score"], False, table)
+
+
+def test_per_task_selection_gives_each_task_its_own_lambda_and_setting():
+    low = _result(0.3, [(0.1, {"a": 0.9, "b": 0.1}), (0.3, {"a": 0.5, "b": 0.2})])
+    high = _result(0.2, [(0.1, {"a": 0.1, "b": 0.1}), (0.3, {"a": 0.1, "b": 0.8})])
+    choices = select_per_task([low, high])
+    assert (choices["a"].scaling, choices["a"].method_args, choices["a"].validation) == (0.1, {"density": 0.3}, 0.9)
+    assert (choices["b"].scaling, choices["b"].method_args, choices["b"].validation) == (0.3, {"density": 0.2}, 0.8)
+
+
+def test_per_task_ties_go_to_the_smallest_lambda_then_the_first_setting_as_the_authors_loop():
+    first = _result(0.3, [(0.1, {"a": 0.5}), (0.3, {"a": 0.7})])
+    second = _result(0.2, [(0.1, {"a": 0.7}), (0.3, {"a": 0.7})])
+    choice = select_per_task([first, second])["a"]
+    assert (choice.scaling, choice.method_args) == (0.1, {"density": 0.2})  # λ outer, mask rate inner
+
+
+def test_the_authors_grids_and_mask_rates():
+    assert AUTHORS_GRID == (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    assert AUTHORS_TIES_DENSITIES == (0.3, 0.2, 0.1)
+
+
+@pytest.mark.parametrize("mask_rate", [0.7, 0.8, 0.9])
+def test_authors_mask_rate_keeps_the_entries_of_ties_density_one_minus_it_up_to_one_per_vector(mask_rate):
+    torch.manual_seed(0)
+    vectors = [{"w": torch.randn(37, 11)}, {"w": torch.randn(37, 11)}]
+    flat = torch.stack([v["w"].reshape(-1) for v in vectors])
+    # BAIKLAB/SAFT-Merge merging.py, mask_smallest_magnitude_param_values, transcribed
+    kth = flat.abs().kthvalue(k=int(flat.shape[1] * mask_rate), dim=1, keepdim=True).values
+    authors_kept = flat.abs() >= kth
+    from saft_hf.merging.ties import magnitude_thresholds
+
+    thresholds = magnitude_thresholds(vectors, round(1 - mask_rate, 10))
+    ours = torch.stack([flat[i].abs() >= thresholds[i] for i in range(2)])
+    # their rank is floor(d * rate), ours d - floor(d * density) = ceil(d * rate): one entry apart at most
+    assert (ours & ~authors_kept).sum() == 0 and ((authors_kept & ~ours).sum(dim=1) <= 1).all()
+    assert authors_kept.float().mean().item() == pytest.approx(1 - mask_rate, abs=0.01)
+
+
+def test_per_task_evaluation_scores_each_task_at_its_own_merged_model_and_resets_to_base():
+    model, base, vectors = toy_setup()
+    unit = merge(vectors, "task_arithmetic", scaling=1.0)
+    seen: dict[str, float] = {}
+
+    def evaluate(m, tasks):
+        lam = lambda_of(m, base, unit)
+        seen.update({t: lam for t in tasks})
+        return {t: lam for t in tasks}
+
+    results = [search_coefficients(model, base, vectors, "task_arithmetic", lambda m: {"a": 1 - abs(lambda_of(m, base, unit) - 0.3),
+                                   "b": 1 - abs(lambda_of(m, base, unit) - 0.9)}, grid=AUTHORS_GRID, progress=False)]  # fmt: skip
+    choices = select_per_task(results)
+    assert (choices["a"].scaling, choices["b"].scaling) == (0.3, 0.9)
+    scores = evaluate_per_task(model, base, vectors, "task_arithmetic", choices, evaluate)
+    assert scores == pytest.approx({"a": 0.3, "b": 0.9}, abs=1e-5)
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), base[k])

@@ -108,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"λ values for --search, at least two: {GRID_SYNTAX} (default: the method's grid, 0.05:1.0:0.05)",
     )  # fmt: skip
     merging.add_argument(
-        "--select", choices=["absolute", "normalized"], default="absolute",
+        "--select", choices=["absolute", "normalized", "per-task"], default="absolute",
         help="--search score: mean validation accuracy (absolute), or mean of validation accuracy / the "
         "fine-tuned model's validation accuracy recorded in each task vector (normalized; falls back to "
-        "absolute, and says so, when a vector records none) (default: absolute)",
+        "absolute, and says so, when a vector records none) (default: absolute). per-task: the SAFT paper's "
+        "released protocol, each task's own λ on its own validation split (task_arithmetic/ties: their grid "
+        "0.1,0.3,0.5,0.7,0.9,1.0; ties also density 0.3/0.2/0.1 = their mask rates 0.7/0.8/0.9) - NOT one "
+        "merged model: writes the choices and accuracies, no weights",
     )  # fmt: skip
     merging.add_argument(
         "--adapt-split", choices=["test", "validation"],
@@ -218,6 +221,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
     for note in outcome.notes:
         print(f"note: {note}")
+    if outcome.results.get("selection") == "per-task":
+        for task, choice in outcome.results["per_task"].items():
+            print(f"{task}: λ = {choice['scaling']:g} {choice['method_args'] or ''}".rstrip())
     if outcome.search is not None:
         print(outcome.search.format_table())
         print(f"chosen λ = {outcome.search.best_scaling}")

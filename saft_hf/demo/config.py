@@ -33,7 +33,13 @@ VARIANT_NAMES = (
     "asam_on",
     "lora",
     "lora_asam",
+    "standard_authors",
+    "asam_authors",
+    "sam_authors",
 )
+# The '*_authors' variants train through the SAFT authors' released loop (SAMTrainingArguments.sam_loop =
+# 'authors': gradients never zeroed, descent not clipped, weight decay on every parameter).
+SELECTIONS = ("single", "per-task")
 # Every linear layer of the encoder, as examples/train_saft.py --lora_r adapts.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -84,7 +90,10 @@ class DemoArguments:
             "--asam-rho, T = |w| on every parameter, η = 0) and 'sam' (SAM, ρ = --sam-rho); cheaper SAFT: "
             "'asam_periodic2'/'asam_periodic5' (an ASAM step every 2nd/5th step), 'asam_looksam5' (LookSAM, "
             "k = 5), 'asam_on' (only the LayerNorms perturbed, SAM-ON), 'lora' and 'lora_asam' (a LoRA adapter "
-            "of rank --lora-r, plain or ASAM). The first is the reference the others are compared with."
+            "of rank --lora-r, plain or ASAM); 'standard_authors', 'asam_authors', 'sam_authors': the same "
+            "trained through the SAFT authors' released loop (sam_loop='authors': gradients never zeroed, the "
+            "descent not clipped, weight decay on every parameter). The first is the reference the others are "
+            "compared with."
         },
     )
     seeds: int = field(
@@ -127,6 +136,16 @@ class DemoArguments:
         default=None,
         metadata={
             "help": "λ grid searched on validation for every merging method (default: each method's own)."
+        },
+    )
+    selection: list[str] = field(
+        default_factory=lambda: ["single"],
+        metadata={
+            "help": "How λ is chosen, one row set each: 'single' (one λ, and setting, for all tasks on mean "
+            "validation accuracy: ONE merged model) and/or 'per-task' (the SAFT authors' protocol: each task's "
+            "own λ on its own validation split, their grid 0.1, 0.3, 0.5, 0.7, 0.9, 1.0, TIES also over their "
+            "mask rates 0.7/0.8/0.9; PCB, absent from their code, over its own grid: NOT one merged model).",
+            "choices": list(SELECTIONS),
         },
     )
     ties_densities: list[float] = field(
@@ -246,6 +265,8 @@ class DemoArguments:
             raise ValueError(
                 f"--methods/--add-methods take names from {' '.join(DEMO_METHODS)}, got {unknown_methods}"
             )
+        if not self.selection or any(v not in SELECTIONS for v in self.selection):
+            raise ValueError(f"--selection takes {' and/or '.join(SELECTIONS)}, got {self.selection}")
         if self.seed_start < 0:
             raise ValueError(f"--seed-start must be >= 0, got {self.seed_start}")
         if self.lora_r < 1 or not self.lora_alpha > 0 or not self.lora_learning_rate > 0:
@@ -285,13 +306,15 @@ class DemoArguments:
 
     def variant_settings(self, variant: str) -> dict[str, Any]:
         """SAMTrainingArguments overrides of a variant (ρ = 0 is plain AdamW, as a stock Trainer)."""
-        if variant in ("standard", "lora"):
+        if variant in ("standard", "lora", "standard_authors"):
             settings: dict[str, Any] = {"sam_rho": 0.0}
-        elif variant == "sam":
+        elif variant in ("sam", "sam_authors"):
             settings = {"sam_rho": self.sam_rho, "sam_adaptive": False}
         else:  # the SAFT paper's code: T = |w| for every trainable parameter, no η
             settings = {"sam_rho": self.asam_rho, "sam_adaptive": True, "sam_eta": 0.0, "sam_adaptive_scope": "all"}
         settings.update(CHEAP_MODES.get(variant, {}))
+        if variant.endswith("_authors"):
+            settings["sam_loop"] = "authors"
         if variant.startswith("lora"):
             settings["learning_rate"] = self.lora_learning_rate
         return settings

@@ -29,7 +29,7 @@ from .base import ensure_base, load_base
 from .config import DemoArguments
 from .data import TASKS
 from .finetune import Items, accuracies, accuracy, finetune, load_splits, prototype_head, sharpness
-from .merging import merge_and_evaluate
+from .merging import PER_TASK_METHODS, merge_and_evaluate, per_task_merge_and_evaluate, per_task_row
 from .report import combine_results, format_tables, summarize_seeds
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def variant_label(args: DemoArguments, variant: str) -> str:
         label += f" {'LookSAM' if mode == 'looksam' else 'periodic'} k={settings['sam_interval']}"
     if settings.get("sam_include"):
         label += " norms only"
+    if settings.get("sam_loop") == "authors":
+        label += " (authors' loop)"
     lora = args.variant_lora(variant)
     return f"LoRA r={lora['r']} {label}" if lora else label
 
@@ -134,14 +136,19 @@ def _merge_all(
     """Every method × variant merged, its coefficients chosen on validation, then tested."""
     test = {task: splits[task]["test"] for task in args.tasks}
     validation = {task: splits[task]["validation"] for task in args.tasks}
-    merged: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    jobs = [(method, variant) for method in methods for variant in vectors]
-    for method, variant in tqdm(jobs, desc=desc, disable=not args.progress):
+    rows = [(method, "single") for method in methods if "single" in args.selection or method not in PER_TASK_METHODS]
+    rows += [(method, "per-task") for method in methods if "per-task" in args.selection and method in PER_TASK_METHODS]
+    merged: dict[str, dict[str, Any]] = {per_task_row(m) if s == "per-task" else m: {} for m, s in rows}
+    jobs = [(method, selection, variant) for method, selection in rows for variant in vectors]
+    for method, selection, variant in tqdm(jobs, desc=desc, disable=not args.progress):
         task_vectors = [vectors[variant][task] for task in args.tasks]
-        entry = merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
+        if selection == "per-task":
+            entry = per_task_merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
+        else:
+            entry = merge_and_evaluate(method, task_vectors, base, base_state, heads, validation, test, args)
         entry["lambda"] = entry["scaling"]
         entry["mean_cosine"] = stats[variant]["mean_cosine"]
-        merged[method][variant] = entry
+        merged[per_task_row(method) if selection == "per-task" else method][variant] = entry
     return merged
 
 

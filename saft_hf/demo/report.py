@@ -18,6 +18,8 @@ LABELS = {
     "iso_cts": "Iso-CTS",
     "adamerging": "AdaMerging (layer-wise)",
 }
+# Per-task selection rows (the SAFT authors' protocol): each task at its own λ, not one merged model.
+LABELS.update({f"{m}@per-task": f"{LABELS[m]}, λ per task (not one model)" for m in list(LABELS)[2:-1]})
 
 
 def _methods(seeds: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -205,3 +207,29 @@ def combine_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     combined["summary"] = summarize_seeds(seeds, first["tasks"], list(results[0]["variants"]))
     combined["combined_from"] = [run["config"].get("output") for run in results]
     return combined
+
+
+def paired_contrast(
+    seeds: Sequence[Mapping[str, Any]],
+    tasks: Sequence[str],
+    first: tuple[str, str],
+    second: tuple[str, str],
+    minus: Sequence[tuple[tuple[str, str], tuple[str, str]]] = (),
+) -> dict[str, float]:
+    """Per-seed (row, variant) − (row, variant) difference of the task-mean accuracy, with its 95% t-interval.
+
+    ``minus``: further (a, b) pairs whose per-seed difference a − b is subtracted, for a difference of
+    differences (e.g. SAFT − standard under one protocol minus the same under another).
+    """
+
+    def mean(seed: Mapping[str, Any], row: str, variant: str) -> float:
+        accs = _row_accuracies(seed, row, variant)
+        return statistics.fmean(accs[t] for t in tasks)
+
+    values = []
+    for seed in seeds:
+        value = mean(seed, *first) - mean(seed, *second)
+        for a, b in minus:
+            value -= mean(seed, *a) - mean(seed, *b)
+        values.append(value)
+    return _stats(values)

@@ -127,17 +127,18 @@ def softmax_entropy(logits: Tensor) -> Tensor:
     return -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1)
 
 
-def ties_selected(stacked: Tensor, threshold: Tensor | None) -> Tensor:
-    """AdaMerging++'s vectors from [T, d] stacked τ: trim |τ| < threshold, keep entries agreeing with the elected sign.
+def ties_selected(stacked: Tensor, majority: float) -> Tensor:
+    """AdaMerging++'s vectors from [T, d] trimmed τ: keep the entries agreeing with the elected sign.
 
-    The authors' ``ties_merging_split`` returns these per-task entries (not their disjoint mean); λ_i then
-    weighs them. A zero sign sum elects +1 (``ties.elect_sign``; their code takes the vector-wide
-    majority sign there). Modifies and returns ``stacked``.
+    The authors' ``ties_merging_split`` (EnnengYang/AdaMerging ``ties_merging_utils.py``) returns these
+    per-task entries (not their disjoint mean); λ_i then weighs them. A column whose sum is 0 takes
+    ``majority``, the sign of the sum of every column's elected sign over the *whole* vector (their
+    ``resolve_zero_signs(..., "majority")``); if that is 0 too, their ``torch.where(sign > 0, τ > 0, τ < 0)``
+    keeps the negative entries, as here. Modifies and returns ``stacked``.
     """
-    if threshold is not None:
-        stacked.mul_(stacked.abs() >= threshold.unsqueeze(1))
     sign = elect_sign(stacked)
-    return stacked.mul_(stacked * sign > 0)
+    sign[sign == 0] = majority
+    return stacked.mul_(torch.where(sign > 0, stacked > 0, stacked < 0))
 
 
 def stack_vectors(
@@ -151,13 +152,19 @@ def stack_vectors(
     names = check_vectors(vectors)
     reader = TensorReader(vectors)
     thresholds = magnitude_thresholds(vectors, density, progress, reader) if ties else None
-    threshold = torch.tensor(thresholds) if thresholds is not None else None
+    threshold = torch.tensor(thresholds).unsqueeze(1) if thresholds is not None else None
     stacked: dict[str, Tensor] = {}
+    votes = 0  # Σ of the elected signs over the whole vector: the majority sign that breaks zero-sum ties
     for name in iter_names(names, progress, "adamerging: read vectors"):
         matrix = torch.stack([t.reshape(-1) for t in reader.read(name)])
+        if threshold is not None:  # TIES step 1, trim each whole vector to its top `density`
+            matrix.mul_(matrix.abs() >= threshold)
         if ties:
-            matrix = ties_selected(matrix, threshold)
-        stacked[name] = matrix.to(device)
+            votes += int(elect_sign(matrix).sum())
+        stacked[name] = matrix
+    majority = float(math.copysign(1, votes)) if votes else 0.0
+    for name, matrix in stacked.items():
+        stacked[name] = (ties_selected(matrix, majority) if ties else matrix).to(device)
     return stacked
 
 

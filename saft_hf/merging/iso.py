@@ -11,7 +11,9 @@ Follows the authors' code (``iso_c`` / ``iso_cts`` in github.com/danielm1405/iso
     the task-specific part divides evenly among the tasks; if that rounding would overshoot r,
     we round down instead (the code would then index with a negative c);
   - σ̄ is the mean over all r singular values, zeros included;
-  - every 2-D tensor is a matrix, embeddings included (see ``is_task_matrix``).
+  - every 2-D tensor is a matrix, embeddings included (see ``is_task_matrix``);
+  - their open_clip attention has one in_proj_weight: ``qkv="stacked"`` reproduces that on HF CLIP's
+    separate q/k/v (the default, ``"separate"``, decomposes each, as FusionBench's HF port).
 One addition: directions past a matrix's numerical rank are dropped (see ``numerical_rank``); the
 code gives those arbitrary null-space directions the weight σ̄.
 """
@@ -27,6 +29,7 @@ from .subspaces import (
     layer_mean,
     merge_per_layer,
     numerical_rank,
+    qkv_param,
     rebuild_decorrelated,
     thin_svd,
     top_components,
@@ -64,7 +67,7 @@ def isotropic_common_task_specific_merge(matrices: Sequence[Tensor], common_shar
 
 @register_method(
     "iso_c",
-    params=[scaling_param(1.0)],
+    params=[qkv_param(), scaling_param(1.0)],
     paper="Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and "
     "Task-Specific Subspaces (ICML)",
     summary="per matrix: the summed task matrix with a flat spectrum (σ̄ U Vᵀ) × α; other parameters "
@@ -72,10 +75,10 @@ def isotropic_common_task_specific_merge(matrices: Sequence[Tensor], common_shar
     grid=SUBSPACE_GRID,
 )
 def iso_c(
-    vectors: Sequence[Mapping[str, Tensor]], *, scaling: float = 1.0, progress: bool = False
+    vectors: Sequence[Mapping[str, Tensor]], *, qkv: str = "separate", scaling: float = 1.0, progress: bool = False
 ) -> dict[str, Tensor]:
     """Iso-C, one layer at a time."""
-    return merge_per_layer(vectors, isotropic_common_merge, scaling, progress, "iso_c")
+    return merge_per_layer(vectors, isotropic_common_merge, scaling, progress, "iso_c", qkv=qkv)
 
 
 @register_method(
@@ -85,6 +88,7 @@ def iso_c(
             "common_share", 0.8, "fraction of each matrix's rank kept for the common subspace (authors' 0.8)",
             check=check_fraction,
         ),
+        qkv_param(),
         scaling_param(1.0),
     ],
     paper="Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and "
@@ -97,6 +101,7 @@ def iso_cts(
     vectors: Sequence[Mapping[str, Tensor]],
     *,
     common_share: float = 0.8,
+    qkv: str = "separate",
     scaling: float = 1.0,
     progress: bool = False,
 ) -> dict[str, Tensor]:
@@ -105,4 +110,4 @@ def iso_cts(
     def merge_matrices(matrices: list[Tensor]) -> Tensor:
         return isotropic_common_task_specific_merge(matrices, common_share)
 
-    return merge_per_layer(vectors, merge_matrices, scaling, progress, "iso_cts")
+    return merge_per_layer(vectors, merge_matrices, scaling, progress, "iso_cts", qkv=qkv)

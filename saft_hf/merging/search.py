@@ -3,6 +3,10 @@
 All registered methods with a ``scaling`` parameter are linear in λ, so the merged vector is computed
 once. Selection is by mean validation accuracy (absolute, or normalised by the fine-tuned
 accuracies when ``normalize_by`` is given), as in Ilharco et al. 2023 and Yadav et al. 2023.
+
+``select_per_task`` is the SAFT authors' protocol instead (BAIKLAB/SAFT-Merge ``merging.py``): for each
+target task, the λ (and TIES mask rate) best on *that task's* validation split, so every task is reported
+from its own merged model — there is no single merged model behind those numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from tqdm.auto import tqdm
 from ..task_vectors import add_scaled_
 from .api import merge
 from .registry import DEFAULT_GRID, METHODS, MergeError, get_method
+
+# The SAFT authors' merging.py: task_arithmetic and ties_merging search λ over this grid per target task.
+AUTHORS_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+# Their ties_merging mask rates 0.7, 0.8, 0.9 zero the int(d * rate) smallest |τ| of each whole vector, i.e.
+# keep the largest 30%, 20%, 10%: TIES density = 1 - mask rate. Their threshold rank is floor(d * rate), ours
+# d - floor(d * density) = ceil(d * rate), so ours keeps at most one entry fewer per task vector.
+AUTHORS_TIES_MASK_RATES = (0.7, 0.8, 0.9)
+AUTHORS_TIES_DENSITIES = tuple(round(1.0 - r, 10) for r in AUTHORS_TIES_MASK_RATES)
 
 
 @dataclass
@@ -132,3 +144,69 @@ def search_coefficients(
         table=table,
     )
 
+
+
+@dataclass
+class TaskChoice:
+    """One target task's own setting under per-task selection: its λ, the method's other arguments, its score."""
+
+    scaling: float
+    method_args: dict[str, Any]
+    validation: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scaling": self.scaling, "method_args": self.method_args, "validation": self.validation}
+
+
+def select_per_task(results: Sequence[SearchResult]) -> dict[str, TaskChoice]:
+    """Per task, the (λ, setting) with the best validation accuracy on that task alone (the SAFT authors' protocol).
+
+    ``results``: one ``search_coefficients`` result per setting of the method's other knob (e.g. TIES
+    density), over the same tasks. Ties go to the first candidate in the authors' loop order: λ outer
+    (grid order), setting inner (``results`` order); their ``if accuracy > best_accuracy`` keeps the first.
+    """
+    if not results:
+        raise MergeError("select_per_task needs at least one search result.")
+    tasks = list(results[0].table[0]["accuracies"]) if results[0].table else []
+    rows = max(len(r.table) for r in results)
+    choices: dict[str, TaskChoice] = {}
+    for task in tasks:
+        best: TaskChoice | None = None
+        for i in range(rows):
+            for result in results:
+                if i >= len(result.table):
+                    continue
+                row = result.table[i]
+                value = float(row["accuracies"][task])
+                if best is None or value > best.validation:
+                    best = TaskChoice(float(row["scaling"]), dict(result.method_args), value)
+        assert best is not None
+        choices[task] = best
+    return choices
+
+
+def evaluate_per_task(
+    model: nn.Module,
+    base_state: Mapping[str, Tensor],
+    vectors: Sequence[Mapping[str, Tensor]],
+    method: str,
+    choices: Mapping[str, TaskChoice],
+    evaluate: Callable[[nn.Module, Sequence[str]], Mapping[str, float]],
+    progress: bool = False,
+) -> dict[str, float]:
+    """Each task's accuracy at its own merged model (one merge per distinct choice); ``model`` ends at base.
+
+    ``evaluate(model, tasks)`` returns ``{task: accuracy}`` for the tasks asked.
+    """
+    groups: dict[tuple[float, str], list[str]] = {}
+    for task, choice in choices.items():
+        key = (choice.scaling, repr(sorted(choice.method_args.items())))
+        groups.setdefault(key, []).append(task)
+    scores: dict[str, float] = {}
+    for tasks in groups.values():
+        choice = choices[tasks[0]]
+        merged = merge(vectors, method, progress=progress, scaling=choice.scaling, **choice.method_args)
+        add_scaled_(model, base_state, merged, 1.0)
+        scores.update({t: float(v) for t, v in evaluate(model, tasks).items()})
+    add_scaled_(model, base_state, [], [])
+    return {task: scores[task] for task in choices}

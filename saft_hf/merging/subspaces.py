@@ -7,6 +7,7 @@ layer's T matrices and their SVDs at a time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -124,26 +125,77 @@ def layer_mean(tensors: Sequence[Tensor]) -> Tensor:
     return total.div_(len(tensors))
 
 
+# How attention's query/key/value weights meet the SVD. HF CLIP keeps q_proj / k_proj / v_proj apart,
+# so 'separate' decomposes each (as FusionBench's HF port of TSV-M / Iso-C/CTS does); the authors of both
+# ran open_clip, whose attention holds one in_proj_weight = [W_q; W_k; W_v] (3d × d), so 'stacked' stacks
+# the three rows-wise for the SVD and splits the merged matrix back, as their numbers were made.
+QKV_MODES = ("separate", "stacked")
+_QKV = re.compile(r"^(?P<prefix>.*)\.(?P<which>[qkv])_proj\.weight$")
+
+
+def qkv_groups(names: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """Each attention's (q, k, v) weight names, keyed by each of the three, for layers that have all three."""
+    found: dict[str, dict[str, str]] = {}
+    for name in names:
+        match = _QKV.match(name)
+        if match:
+            found.setdefault(match["prefix"], {})[match["which"]] = name
+    groups: dict[str, tuple[str, str, str]] = {}
+    for parts in found.values():
+        if set(parts) == {"q", "k", "v"}:
+            group = (parts["q"], parts["k"], parts["v"])
+            groups.update({name: group for name in group})
+    return groups
+
+
 def merge_per_layer(
     vectors: Sequence[Mapping[str, Tensor]],
     merge_matrices: Callable[[list[Tensor]], Tensor],
     scaling: float,
     progress: bool,
     desc: str,
+    qkv: str = "separate",
 ) -> dict[str, Tensor]:
     """α · ``merge_matrices`` of each task matrix's T copies, α · the mean for other parameters.
 
     One parameter is read (as float32) at a time and cast back to the input dtype, so only one
-    layer's T tensors and what ``merge_matrices`` derives from them are alive at once.
+    layer's T tensors and what ``merge_matrices`` derives from them are alive at once (with
+    ``qkv="stacked"``, one attention's three). See ``QKV_MODES``.
     """
+    if qkv not in QKV_MODES:
+        raise ValueError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
     reader = TensorReader(vectors)
+    names = list(vectors[0].keys())
+    groups = qkv_groups(names) if qkv == "stacked" else {}
     merged: dict[str, Tensor] = {}
-    for name in iter_names(list(vectors[0].keys()), progress, desc):
+    for name in iter_names(names, progress, desc):
+        if name in merged:  # merged with its attention's q/k/v group
+            continue
+        if name in groups:
+            parts = [reader.read(member) for member in groups[name]]  # [q, k, v] × T tasks
+            rows = [p[0].shape[0] for p in parts]
+            stacked = [torch.cat([p[t] for p in parts], dim=0) for t in range(len(vectors))]
+            del parts
+            for member, block in zip(groups[name], merge_matrices(stacked).split(rows, dim=0), strict=True):
+                merged[member] = block.float().mul_(scaling)
+            continue
         tensors = reader.read(name)
         out = merge_matrices(tensors) if is_task_matrix(name, tensors[0].shape) else layer_mean(tensors)
         del tensors
         merged[name] = out.float().mul_(scaling)  # float32; merge() casts once to the requested dtype
-    return merged
+    return {name: merged[name] for name in names}
+
+
+def qkv_param():
+    """The ``qkv`` method parameter of the subspace merges (see ``QKV_MODES``)."""
+    from .registry import MethodParam
+
+    return MethodParam(
+        "qkv", "separate",
+        "attention q/k/v weights: 'separate' (one SVD each, HF CLIP's layout, FusionBench's port) or 'stacked' "
+        "(one SVD of [W_q; W_k; W_v], open_clip's in_proj_weight, as the method's authors ran it)",
+        choices=QKV_MODES,
+    )  # fmt: skip
 
 
 __all__ = [
@@ -152,6 +204,8 @@ __all__ = [
     "numerical_rank",
     "orthogonalize",
     "merge_per_layer",
+    "qkv_groups",
+    "qkv_param",
     "rebuild_decorrelated",
     "thin_svd",
     "top_components",

@@ -7,7 +7,9 @@ decorrelate U and V by orthogonal Procrustes, and rebuild α · U⊥ Σ V⊥ᵀ.
   - k = ``int(r · (1/T))`` (= ⌊r/T⌋); a matrix with r < T keeps nothing and merges to 0;
   - non-matrix parameters (and ``text_projection``) are the *mean* of the task vectors, then × α,
     where the paper speaks of task arithmetic for them;
-  - every 2-D tensor is a matrix, embeddings included (see ``is_task_matrix``).
+  - every 2-D tensor is a matrix, embeddings included (see ``is_task_matrix``);
+  - their open_clip attention has one in_proj_weight: ``qkv="stacked"`` reproduces that on HF CLIP's
+    separate q/k/v (the default, ``"separate"``, decomposes each, as FusionBench's HF port).
 One addition: components past a task matrix's numerical rank are dropped (see ``numerical_rank``).
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from .registry import register_method, scaling_param
-from .subspaces import merge_per_layer, rebuild_decorrelated, top_components
+from .subspaces import merge_per_layer, qkv_param, rebuild_decorrelated, top_components
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +38,14 @@ def task_singular_vectors_merge(matrices: Sequence[Tensor]) -> Tensor:
 
 @register_method(
     "tsv_m",
-    params=[scaling_param(1.0)],
+    params=[qkv_param(), scaling_param(1.0)],
     paper="Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (CVPR)",
     summary="per matrix: each task's top 1/T singular components, Procrustes-decorrelated, summed × α; "
     "other parameters averaged × α",
     grid=SUBSPACE_GRID,
 )
 def tsv_m(
-    vectors: Sequence[Mapping[str, Tensor]], *, scaling: float = 1.0, progress: bool = False
+    vectors: Sequence[Mapping[str, Tensor]], *, qkv: str = "separate", scaling: float = 1.0, progress: bool = False
 ) -> dict[str, Tensor]:
     """TSV-M, one layer at a time: T task matrices and their SVDs are the only large live tensors."""
     empty = []
@@ -53,7 +55,7 @@ def tsv_m(
             empty.append(tuple(matrices[0].shape))
         return task_singular_vectors_merge(matrices)
 
-    merged = merge_per_layer(vectors, merge_matrices, scaling, progress, "tsv_m")
+    merged = merge_per_layer(vectors, merge_matrices, scaling, progress, "tsv_m", qkv=qkv)
     if empty:
         logger.warning(
             "tsv_m: %d matrices (e.g. of shape %s) have fewer rows or columns than the %d task vectors, so "

@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..base_model import BaseCheckpoint, load_base_clip, load_base_vision_tower, resolve_base
+from ..io_utils import folder_sha256, local_label
 from ..task_vectors import TaskVector, check_compatible, load_task_vector, load_task_vectors
 from ..tasks import TASKS
 from .job import MergeJob, MergeJobError, MergeUsageError
@@ -68,6 +69,14 @@ def load_base(base: str, revision: str | None, token: str | None, device: str) -
     model = load_base_vision_tower(checkpoint).to(device).eval()
     state = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     return BaseModel(model, state, checkpoint)
+
+
+def base_record(base: BaseModel) -> dict[str, Any]:
+    """What ``merge_config.json`` records of the base: file, branch and commits; a local one by name and hash."""
+    record = base.checkpoint.record()
+    if base.checkpoint.local and Path(record["id"]).is_dir():
+        record.update(id=local_label(record["id"]), sha256=folder_sha256(base.directory))
+    return record
 
 
 def load_all(job: MergeJob) -> tuple[list[TaskVector], BaseModel]:

@@ -17,7 +17,7 @@ from ..merging import METHODS, MergeError, get_method
 from ..merging.registry import DEFAULT_GRID
 from ..tasks import DATA_DIR_ENV
 
-Selection = Literal["absolute", "normalized"]
+Selection = Literal["absolute", "normalized", "per-task"]
 ADAPT_SPLITS = ("test", "validation")  # AdaMerging's unlabeled inputs: test as in the paper, or validation
 
 
@@ -179,8 +179,11 @@ class MergeJob:
                     f"--grid gives {len(set(self.grid))} distinct λ value(s), {self.grid!r}: a search needs at least "
                     "two; e.g. --grid 0.05:1.0:0.05 (start:stop:step) or 0.1,0.2,0.3, or use --scaling for one λ."
                 )
-        if self.select not in ("absolute", "normalized"):
-            raise MergeUsageError(f"--select must be 'absolute' or 'normalized', got {self.select!r}.")
+        if self.select not in ("absolute", "normalized", "per-task"):
+            raise MergeUsageError(f"--select must be 'absolute', 'normalized' or 'per-task', got {self.select!r}.")
+        if self.select == "per-task" and not self.search:
+            raise MergeUsageError("--select per-task chooses a λ per task on validation; add --search (and --eval "
+                                  "for the test accuracy at each task's λ).")  # fmt: skip
 
     def _check_evaluation(self) -> None:
         for name, value in (("--max-eval-samples", self.max_eval_samples), ("--batch-size", self.batch_size)):

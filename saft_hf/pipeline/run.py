@@ -15,6 +15,7 @@ from .adaptation import run_adamerging, write_adamerging_outputs
 from .evaluation import CachedBatches, TaskEvaluator
 from .inputs import (
     BaseModel,
+    base_record,
     load_all,
     load_heads,
     load_split,
@@ -97,13 +98,6 @@ def _repo_record(repo: str, revision: str | None, vector: TaskVector) -> dict[st
     return {"repo": repo, "revision": revision, "resolved_revision": vector.source.rsplit("@", 1)[-1], "local": False}
 
 
-def _base_record(base: BaseModel) -> dict[str, Any]:
-    record = base.checkpoint.record()
-    if base.checkpoint.local and Path(record["id"]).is_dir():
-        record.update(id=local_label(record["id"]), sha256=folder_sha256(base.directory))
-    return record
-
-
 def _untouched_note(vectors: list[TaskVector], base: BaseModel) -> str | None:
     """Which base parameters no vector changes (a FusionBench tower has no visual_projection): they stay θ₀."""
     covered = set().union(*(set(v.names) for v in vectors))
@@ -124,6 +118,13 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
     notes: list[str] = [base.checkpoint.describe()]
     notes += [note for note in [_untouched_note(vectors, base)] if note]
     heads = load_heads(vectors, job.data_dir, base) if job.needs_data else {}  # built once for every stage
+    if job.select == "per-task":  # the SAFT authors' protocol: a λ per task, not one merged model
+        from .per_task import run_per_task_job
+
+        revisions = job.revisions or [None] * len(vectors)
+        repos = [_repo_record(r, rev, v) for r, rev, v in zip(job.repos, revisions, vectors)]
+        return run_per_task_job(job, vectors, base, tasks, individual,
+                                lambda split: _evaluator(job, heads, base, split), repos)  # fmt: skip
 
     search: SearchResult | None = None
     adaptation: AdaMergingResult | None = None
@@ -160,7 +161,7 @@ def run_merge_job(job: MergeJob) -> MergeOutcome:
         "scaling": method_args.get("scaling"),
         "repos": [_repo_record(r, rev, v) for r, rev, v in zip(job.repos, revisions, vectors)],
         "tasks": tasks,
-        "base_model": _base_record(base),
+        "base_model": base_record(base),
         "search": None
         if search is None
         else {

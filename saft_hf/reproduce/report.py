@@ -18,8 +18,10 @@ CHART_KEY = "saft_minus_standard"
 def _merge_entry(result: Mapping[str, Any]) -> dict[str, Any]:
     evaluation = result.get("evaluation") or {}
     rows = evaluation.get("tasks") or []
+    per_task = result.get("per_task")  # saft-merge --select per-task: a λ per task, not one model
     return {
         "scaling": result.get("scaling"),
+        "per_task_scaling": {t: c["scaling"] for t, c in per_task.items()} if per_task else None,
         "absolute": {row["task"]: row["merged"] for row in rows},
         "normalized": {row["task"]: row["normalized"] for row in rows},
         "mean_absolute": evaluation.get("mean_accuracy"),
@@ -94,6 +96,20 @@ def format_table(summary: Mapping[str, Any]) -> str:
     ]
     if scalings:
         lines += ["", "λ chosen on validation: " + "; ".join(scalings) + "."]
+    per_task = [
+        f"{m} {VARIANT_LABELS[v]}: " + ", ".join(f"{t} {lam:g}" for t, lam in summary["merged"][m][v]["per_task_scaling"].items())
+        for m in summary["merged"]
+        for v in variants
+        if summary["merged"][m][v].get("per_task_scaling")
+    ]  # fmt: skip
+    if per_task:
+        lines += ["", "**λ chosen per task** on that task's own validation split (the SAFT authors' protocol): "
+                  "each task's accuracy comes from its own merged model, so these rows are NOT one merged model. "
+                  "λ per task: " + "; ".join(per_task) + "."]  # fmt: skip
+    recipe = summary.get("recipe")
+    if recipe:
+        lines += ["", f"Fine-tuning recipe: {recipe}; λ protocol: {summary.get('protocol', 'single')}; merged "
+                  f"checkpoint: {summary.get('merge_checkpoint', 'last')}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
