@@ -70,6 +70,18 @@ def _crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def _decoded(value: Any) -> Image.Image:
+    """A PIL image from a decoded column, or from a stored one (``{"bytes", "path"}``, as the uint8 input path
+    leaves the image column undecoded for its workers)."""
+    if isinstance(value, dict):
+        from datasets import Image as ImageFeature
+
+        from .tasks.loading import decode_image
+
+        return decode_image(value, ImageFeature())
+    return value
+
+
 class RandomResizedCropTransform:
     """Q5: open_clip's training preprocess — RandomResizedCrop(size, scale (0.9, 1.0), bicubic), RGB, normalise.
 
@@ -96,7 +108,7 @@ class RandomResizedCropTransform:
         return image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        images = [self.crop(image.convert("RGB")) for image in batch[self.image_column]]
+        images = [self.crop(_decoded(image).convert("RGB")) for image in batch[self.image_column]]
         pixels = self.image_processor(images=images, return_tensors="pt", do_resize=False, do_center_crop=False)
         return {
             "pixel_values": pixels["pixel_values"],

@@ -61,5 +61,5 @@ def test_merging_the_best_checkpoint_needs_the_authors_recipe(tmp_path, tiny_tas
     argv = ["--output_dir", str(tmp_path), "--data_dir", str(tiny_task_data_dir), "--tasks", *TINY_TASKS,
             "--merge_checkpoint", "best"]  # fmt: skip
     args, _ = script.build_recipe_parser("paper-text").parse_args_into_dataclasses(args=argv)
-    with pytest.raises(SystemExit, match="--merge_checkpoint best needs --recipe authors-code"):
+    with pytest.raises(script.UsageError, match="--merge_checkpoint best needs --recipe authors-code"):
         script.check_arguments(args)
