@@ -266,9 +266,8 @@ def resolve_base(
         if constants.HF_HUB_OFFLINE:
             return _from_cache(str(base), revision, cache)
         return _from_hub(str(base), revision, token, cache)
-    except (HFValidationError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise _hub_errors(str(base), revision, err) from err
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+    except (HFValidationError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
+            LocalEntryNotFoundError, OfflineModeIsEnabled) as err:  # fmt: skip
         raise _hub_errors(str(base), revision, err) from err
 
 
